@@ -1,0 +1,1 @@
+"""The studies users run with fsq (``python -m experiments``)."""

@@ -1,0 +1,76 @@
+"""The mapped axes that carry the logical workers, and which of them cross devices.
+
+A worker axis is either *device-spanning* (a manual mesh axis: ``shard_map`` or ``pmap``),
+where exchanging data costs a real collective, or *local* (a ``vmap`` axis), where every
+worker of the axis lives on the same device and gathering their values is free: under
+``vmap``, ``all_gather`` over the mapped axis just hands the batch to every member.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+from jax import lax
+
+
+class WorkerAxes(NamedTuple):
+    """The worker axes of a mapped context, outermost first.
+
+    Attributes:
+      names: every worker axis; the global worker id is their mixed-radix index.
+      device: the axes among ``names`` that span devices (mesh axes).
+      local: the axes among ``names`` that stay on one device (vmap axes).
+    """
+
+    names: tuple[str, ...]
+    device: tuple[str, ...]
+    local: tuple[str, ...]
+
+
+def normalize(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Checks ``axis_name`` (a name or a non-empty tuple of distinct names)."""
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if (
+        not isinstance(names, tuple)
+        or not names
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise TypeError(
+            f"axis_name must be a str or a non-empty tuple of distinct str, got {axis_name!r}"
+        )
+    return names
+
+
+def resolve(names: tuple[str, ...], num_workers: int) -> WorkerAxes:
+    """Splits ``names`` into device and local axes; checks they are bound and hold W workers.
+
+    Must be called while tracing inside the mapped context.
+    """
+    try:
+        sizes = [lax.axis_size(n) for n in names]
+    except NameError as e:
+        raise ValueError(
+            f"axis_name {names} is not bound: call the transform inside jax.vmap, "
+            f"jax.shard_map or jax.pmap over those axes (or use fsq.parallel) ({e})"
+        ) from None
+    if math.prod(sizes) != num_workers:
+        raise ValueError(
+            f"num_workers={num_workers} but axis_name {names} spans {math.prod(sizes)} "
+            f"workers (axis sizes {sizes}); under fsq.parallel use "
+            f"axis_name=fsq.parallel.AXIS_NAME"
+        )
+    mesh_axes = set(jax.sharding.get_abstract_mesh().manual_axes)
+    device = tuple(n for n in names if n in mesh_axes)
+    local = tuple(n for n in names if n not in mesh_axes)
+    return WorkerAxes(names, device, local)
+
+
+def worker_index(names: tuple[str, ...]) -> jax.Array:
+    """The global id of this worker: the mixed-radix index over ``names``, outermost first."""
+    index = lax.axis_index(names[0])
+    for name in names[1:]:
+        index = index * lax.axis_size(name) + lax.axis_index(name)
+    return index

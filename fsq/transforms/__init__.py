@@ -1,0 +1,1 @@
+"""The pieces Flying Squirrel is composed of, one concern per module."""

@@ -1,0 +1,46 @@
+"""The wire format of a message: pytrees and scalars packed into one flat row.
+
+A worker's message (its gradient, and later the extra channels that compensation or
+compression need, plus bookkeeping scalars such as a delivery count) travels as a single
+flat vector. Sums of messages are messages, so one row of the in-flight buffer holds the
+sum of everything due at one step, and one all-reduce of one row delivers it: a single
+collective per step, however many leaves the model has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = object
+
+
+def width(like: PyTree, num_trees: int, num_scalars: int) -> int:
+    """Length of a row holding ``num_trees`` trees shaped like ``like`` and the scalars."""
+    return num_trees * sum(int(np.size(x)) for x in jax.tree.leaves(like)) + num_scalars
+
+
+def pack(trees: Sequence[PyTree], scalars: Sequence[jax.Array], dtype: jnp.dtype) -> jax.Array:
+    """Concatenates the leaves of ``trees`` (in order), then ``scalars``, as ``dtype``."""
+    parts = [jnp.ravel(x).astype(dtype) for tree in trees for x in jax.tree.leaves(tree)]
+    parts.append(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
+    return jnp.concatenate(parts)
+
+
+def unpack(row: jax.Array, like: PyTree, num_trees: int) -> tuple[list[PyTree], jax.Array]:
+    """Inverse of :func:`pack`: ``num_trees`` trees shaped like ``like``, and the scalars.
+
+    The trees keep the row's dtype, so sums can be rescaled before any rounding.
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    trees, offset = [], 0
+    for _ in range(num_trees):
+        parts = []
+        for x in leaves:
+            parts.append(row[offset : offset + x.size].reshape(x.shape))
+            offset += x.size
+        trees.append(jax.tree.unflatten(treedef, parts))
+    return trees, row[offset:]
