@@ -12,6 +12,7 @@ from fsq.optimizers import (
     sgd,
 )
 from fsq.squirrel import FlyingSquirrelState, flying_squirrel
+from fsq.transforms import compensation, staleness
 from fsq.transforms.accumulation import AccumulationState, accumulate
 from fsq.transforms.delivery import InFlight
 
@@ -25,6 +26,7 @@ __all__ = [
     "adagrad",
     "adam",
     "bgd",
+    "compensation",
     "delays",
     "flying_squirrel",
     "get_optimizer",
@@ -33,4 +35,5 @@ __all__ = [
     "parallel",
     "rmsprop",
     "sgd",
+    "staleness",
 ]

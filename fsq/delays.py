@@ -63,6 +63,11 @@ class DelayModel:
         """Returns the delay (int32 scalar) of ``worker``'s gradient sent at ``step``."""
         raise NotImplementedError
 
+    @property
+    def mean_delay(self) -> float:
+        """The expected delay, averaged over workers and steps."""
+        raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class Constant(DelayModel):
@@ -71,6 +76,10 @@ class Constant(DelayModel):
     def __call__(self, key, step, worker):
         del key, step, worker
         return jnp.int32(self.max_delay)
+
+    @property
+    def mean_delay(self) -> float:
+        return float(self.max_delay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +92,10 @@ class Categorical(DelayModel):
         del step, worker
         logits = jnp.log(jnp.asarray(self.probabilities, jnp.float32))
         return jax.random.categorical(key, logits).astype(jnp.int32)
+
+    @property
+    def mean_delay(self) -> float:
+        return float(np.dot(np.arange(len(self.probabilities)), self.probabilities))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +115,27 @@ class Speeds(DelayModel):
         delay = jnp.floor(lateness + jax.random.uniform(key))
         return jnp.minimum(delay, self.max_delay).astype(jnp.int32)
 
+    @property
+    def mean_delay(self) -> float:
+        return float(np.mean(self.slowdowns)) - 1.0
+
+    def shares(self) -> tuple[float, ...]:
+        r"""Load-balanced fractions of the global batch: worker ``i`` gets a share
+        :math:`s_i \propto 1 / k_i`, so that every worker needs the same time."""
+        inverse = 1.0 / np.asarray(self.slowdowns)
+        return tuple((inverse / inverse.sum()).tolist())
+
+    def balanced(self) -> Speeds:
+        r"""The speeds once the batch is split by :meth:`shares`.
+
+        Worker :math:`i` then processes :math:`W s_i` times its nominal batch at slowdown
+        :math:`k_i`, which takes :math:`W / \sum_j k_j^{-1} = H` ticks for every worker
+        (the harmonic mean of the slowdowns), so each worker's mean delay drops from
+        :math:`k_i - 1` to :math:`H - 1 \le \bar k - 1`.
+        """
+        harmonic = len(self.slowdowns) / float(np.sum(1.0 / np.asarray(self.slowdowns)))
+        return speeds([harmonic] * len(self.slowdowns))
+
 
 @dataclasses.dataclass(frozen=True)
 class Trace(DelayModel):
@@ -113,6 +147,10 @@ class Trace(DelayModel):
         del key
         table = jnp.asarray(self.delays, jnp.int32)
         return table[step % table.shape[0], worker]
+
+    @property
+    def mean_delay(self) -> float:
+        return float(np.mean(self.delays))
 
 
 def _max_delay(name: str, value: int) -> int:

@@ -14,10 +14,16 @@ and the same update is returned on every worker. When nothing is delivered, the 
 optimizer is not stepped and the update is zero. With delay 0 this is exactly synchronous
 data-parallel training with the inner optimizer.
 
-Per step, a worker *sends* a message (its gradient plus a delivery count and its delay,
-packed into one row by :mod:`fsq.transforms.wire`) into the in-flight buffer of its
-device (:mod:`fsq.transforms.delivery`), and all workers *deliver* the row that is due,
-with one all-reduce for the whole model.
+Per step, a worker *sends* a message (its gradient plus bookkeeping scalars, packed into
+one row by :mod:`fsq.transforms.wire`) into the in-flight buffer of its device
+(:mod:`fsq.transforms.delivery`), and all workers *deliver* the row that is due, with one
+all-reduce for the whole model. The algorithmic pieces act at one end or the other:
+
+- at send time, per worker: the bounded-staleness policy, the staleness-aware scale
+  (:mod:`fsq.transforms.staleness`), the load-balancing weight, and the extra channels
+  of delay compensation (:mod:`fsq.transforms.compensation`);
+- at delivery, identical on every worker: the delay-compensated combination of the
+  channels with the current parameters, and the inner step.
 """
 
 from __future__ import annotations
@@ -29,11 +35,25 @@ import jax.numpy as jnp
 import optax
 
 from fsq import _axes, _checks, _random, delays
+from fsq.transforms import compensation as dc
 from fsq.transforms import delivery, wire
+from fsq.transforms import staleness as _staleness
 
-# Per message: the gradient, then two scalars (a delivery count of 1, and the delay).
-_NUM_TREES = 1
-_NUM_SCALARS = 2
+ON_STALE = ("drop", "wait")
+
+
+class Scalars(NamedTuple):
+    """The bookkeeping scalars of a message; summed in flight like the gradient.
+
+    Attributes:
+      count: 1 for a gradient that will be applied, 0 for one dropped by the bound.
+      delay_sum: its delay (the staleness it will have when delivered), times ``count``.
+      bounded: 1 if the staleness bound dropped or held back this gradient.
+    """
+
+    count: jax.Array
+    delay_sum: jax.Array
+    bounded: jax.Array
 
 
 class FlyingSquirrelState(NamedTuple):
@@ -43,15 +63,20 @@ class FlyingSquirrelState(NamedTuple):
       step: the logical clock :math:`t` (int32), identical on all workers.
       in_flight: the messages in flight from this device's workers.
       inner_state: state of the inner optimizer, identical on all workers.
+      compensation: state of delay compensation (the mean square of DC-ASGD-a).
       delivered: how many gradients were delivered at the last step (int32).
       staleness: their mean staleness :math:`t - s` in steps (float32; 0 if none).
+      bounded: how many gradients due at the last step the staleness bound dropped or
+        held back (int32).
     """
 
     step: jax.Array
     in_flight: delivery.InFlight
     inner_state: optax.OptState
+    compensation: optax.OptState
     delivered: jax.Array
     staleness: jax.Array
+    bounded: jax.Array
 
 
 def _accumulation_dtype(params: optax.Params) -> jnp.dtype:
@@ -73,6 +98,11 @@ def flying_squirrel(
     num_workers: int,
     axis_name: str | tuple[str, ...] = "workers",
     delay: int | delays.DelayModel = 0,
+    compensation: float | dc.DelayCompensation | None = None,
+    staleness: str | _staleness.StalenessRule | None = None,
+    max_staleness: int | None = None,
+    on_stale: str = "drop",
+    load_balance: bool = False,
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous data-parallel training with delayed gradients, used per worker.
@@ -84,9 +114,14 @@ def flying_squirrel(
 
     .. math::
 
-      G_t = \frac{1}{W} \sum_{(i,s):\, s + d_i(s) = t} g_i(s), \qquad
+      G_t = \frac{1}{W} \sum_{(i,s):\, s + d_i(s) = t} \omega_i\, \alpha(d_i(s))\,
+      \tilde g_i(s), \qquad
       (u_t, S_{t+1}) = \begin{cases} \mathrm{inner}(G_t, S_t, w_t) & \text{if anything
-      is delivered at } t \\ (0, S_t) & \text{otherwise.} \end{cases}
+      is delivered at } t \\ (0, S_t) & \text{otherwise,} \end{cases}
+
+    with :math:`\tilde g` the delay-compensated gradient (:math:`g` when compensation is
+    off), :math:`\alpha` the staleness rule (1 when off) and :math:`\omega_i` the
+    load-balancing weight (1 when off).
 
     Args:
       inner: the optimizer applied to the delivered aggregate (any optax transform).
@@ -94,6 +129,24 @@ def flying_squirrel(
       axis_name: the mapped axis name, or a tuple of nested names (outermost first) whose
         mixed-radix index is the global worker id.
       delay: an int (a constant delay) or a :mod:`fsq.delays` model.
+      compensation: delay compensation (DC-ASGD): ``None`` (off), a float
+        :math:`\lambda \ge 0` (DC-ASGD-c), or :func:`fsq.transforms.compensation.adaptive`
+        (DC-ASGD-a). Needs ``params`` in ``update``.
+      staleness: a staleness-aware step-size rule: ``None`` (off), ``"inverse"``,
+        ``"delay_adaptive"`` or a callable ``tau -> scale``
+        (:mod:`fsq.staleness`).
+      max_staleness: bounded staleness: gradients with a delay above this bound, an int in
+        ``[0, max_delay]``, are handled by ``on_stale``; ``None`` for no bound.
+      on_stale: ``"drop"`` discards a too-stale gradient (it is never applied);
+        ``"wait"`` holds the system back as stale-synchronous parallel does, which in the
+        logical clock delivers it exactly ``max_staleness`` steps late. Either way the
+        state counts it in ``bounded``.
+      load_balance: with a :func:`fsq.delays.speeds` model, give worker :math:`i` the
+        share :math:`s_i \propto 1/k_i` of the global batch (see
+        :meth:`fsq.delays.Speeds.shares`; the training loop feeds it that many samples),
+        so that every worker's delay becomes the harmonic-mean one
+        (:meth:`fsq.delays.Speeds.balanced`), and weight its gradient by
+        :math:`\omega_i = W s_i`.
       seed: the seed of every random choice (delays); runs are a pure function of it.
         A traced int scalar is accepted too, to ``jit`` or ``vmap`` over seeds.
 
@@ -129,23 +182,61 @@ def flying_squirrel(
         raise ValueError(
             f"delay model is defined for {model.num_workers} workers but num_workers={num_workers}"
         )
+    weights = None
+    if load_balance:
+        if not isinstance(model, delays.Speeds):
+            raise ValueError(
+                "load_balance=True needs per-worker speeds: delay=fsq.delays.speeds(...), "
+                f"got {type(model).__name__}"
+            )
+        weights = jnp.asarray(model.shares(), jnp.float32) * num_workers
+        model = model.balanced()
+    if max_staleness is not None:
+        max_staleness = _checks.integer("max_staleness", max_staleness, 0, model.max_delay)
+    if on_stale not in ON_STALE:
+        raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}")
+    rule = _staleness.resolve(staleness, model)
+    config = dc.resolve(compensation)
     # Delivery counts and delay sums travel as floats; keep them exact in float32.
     if num_workers * (model.max_delay + 1) > 2**24:
         raise ValueError(
             f"num_workers * (max_delay + 1) must be at most 2**24, got {num_workers} * "
             f"{model.max_delay + 1}"
         )
+    num_trees = 1 if config is None else 3
+    num_scalars = len(Scalars._fields)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
-        width = wire.width(params, _NUM_TREES, _NUM_SCALARS)
+        width = wire.width(params, num_trees, num_scalars)
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
             in_flight=delivery.init(model.max_delay, width, _accumulation_dtype(params)),
             inner_state=inner.init(params),
+            compensation=optax.EmptyState() if config is None else dc.init(config, params),
             delivered=jnp.zeros([], jnp.int32),
             staleness=jnp.zeros([], jnp.float32),
+            bounded=jnp.zeros([], jnp.int32),
         )
+
+    def send(updates, params, delay, worker):
+        """The message of one worker: what it sends, how much it counts, and its slot."""
+        count, bounded = jnp.float32(1), jnp.float32(0)
+        if max_staleness is not None:
+            late = delay > max_staleness
+            bounded = late.astype(jnp.float32)
+            if on_stale == "wait":
+                delay = jnp.minimum(delay, max_staleness)
+            else:
+                count = 1.0 - bounded
+        scale = count
+        if rule is not None:
+            scale = scale * rule(delay)
+        if weights is not None:
+            scale = scale * weights[worker]
+        trees = [updates] if config is None else dc.channels(updates, params)
+        scalars = Scalars(count, count * delay, bounded)
+        return trees, scalars, scale, delay
 
     def update_fn(
         updates: optax.Updates,
@@ -154,11 +245,13 @@ def flying_squirrel(
         **extra_args: Any,
     ) -> tuple[optax.Updates, FlyingSquirrelState]:
         _check_same_structure(updates, params)
+        if config is not None and params is None:
+            raise ValueError("compensation needs the current params: call update(g, s, params)")
         slots = state.in_flight.slots
-        if wire.width(updates, _NUM_TREES, _NUM_SCALARS) != slots.shape[-1]:
+        if wire.width(updates, num_trees, num_scalars) != slots.shape[-1]:
             raise ValueError(
                 "updates must have the shapes of the params given to init: they need "
-                f"{wire.width(updates, _NUM_TREES, _NUM_SCALARS)} entries per message, "
+                f"{wire.width(updates, num_trees, num_scalars)} entries per message, "
                 f"the in-flight buffer holds {slots.shape[-1]}"
             )
         axes = _axes.resolve(names, num_workers)
@@ -166,12 +259,19 @@ def flying_squirrel(
         step = state.step
         delay = model(_random.event_key(seed, _random.Stream.DELAY, step, worker), step, worker)
 
-        message = wire.pack([updates], [1, delay], slots.dtype)
+        trees, scalars, scale, delay = send(updates, params, delay, worker)
+        message = wire.pack(trees, scalars, slots.dtype, scale)
         in_flight = delivery.send(state.in_flight, message, step + delay, axes.local)
         total, in_flight = delivery.deliver(in_flight, step, axes.device)
-        (gradient_sum,), (count, delay_sum) = wire.unpack(total, updates, _NUM_TREES)
-        delivered = jnp.round(count).astype(jnp.int32)
-        mean = jax.tree.map(lambda s, g: (s / num_workers).astype(g.dtype), gradient_sum, updates)
+        sums, arrived = wire.unpack(total, updates, num_trees)
+        arrived = Scalars(*arrived)
+        delivered = jnp.round(arrived.count).astype(jnp.int32)
+        comp_state = state.compensation
+        if config is None:
+            (total,) = sums
+        else:
+            total, comp_state = dc.combine(config, comp_state, sums, params, delivered)
+        mean = jax.tree.map(lambda s, g: (s / num_workers).astype(g.dtype), total, updates)
 
         def step_inner(_):
             return inner.update(mean, state.inner_state, params, **extra_args)
@@ -180,9 +280,14 @@ def flying_squirrel(
             return optax.tree.zeros_like(mean), state.inner_state
 
         new_updates, inner_state = jax.lax.cond(delivered > 0, step_inner, skip, None)
-        staleness = (delay_sum / jnp.maximum(count, 1.0)).astype(jnp.float32)
         return new_updates, FlyingSquirrelState(
-            step + 1, in_flight, inner_state, delivered, staleness
+            step=step + 1,
+            in_flight=in_flight,
+            inner_state=inner_state,
+            compensation=comp_state,
+            delivered=delivered,
+            staleness=(arrived.delay_sum / jnp.maximum(arrived.count, 1.0)).astype(jnp.float32),
+            bounded=jnp.round(arrived.bounded).astype(jnp.int32),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -267,8 +267,8 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
         tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=num_workers, delay=delays.uniform(6))
         init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS)
         state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
-        # (max_delay + 1) slots x (33 params + count + delay sum), float32
-        assert state.in_flight.slots.shape == (7, 35)
+        # (max_delay + 1) slots x (33 params + count, delay sum, bounded), float32
+        assert state.in_flight.slots.shape == (7, 36)
 
 
 def test_bfloat16_params_get_bfloat16_updates():

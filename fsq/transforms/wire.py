@@ -23,9 +23,15 @@ def width(like: PyTree, num_trees: int, num_scalars: int) -> int:
     return num_trees * sum(int(np.size(x)) for x in jax.tree.leaves(like)) + num_scalars
 
 
-def pack(trees: Sequence[PyTree], scalars: Sequence[jax.Array], dtype: jnp.dtype) -> jax.Array:
-    """Concatenates the leaves of ``trees`` (in order), then ``scalars``, as ``dtype``."""
-    parts = [jnp.ravel(x).astype(dtype) for tree in trees for x in jax.tree.leaves(tree)]
+def pack(
+    trees: Sequence[PyTree],
+    scalars: Sequence[jax.Array],
+    dtype: jnp.dtype,
+    scale: jax.Array | float = 1.0,
+) -> jax.Array:
+    """Concatenates ``scale`` times the leaves of ``trees`` (in order), then ``scalars``."""
+    scale = jnp.asarray(scale, dtype)
+    parts = [scale * jnp.ravel(x).astype(dtype) for tree in trees for x in jax.tree.leaves(tree)]
     parts.append(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
     return jnp.concatenate(parts)
 

@@ -1,0 +1,139 @@
+r"""Delay compensation (DC-ASGD): correct a stale gradient with a Taylor step.
+
+Zheng, Meng, Wang, Chen, Yu, Ma and Liu, *Asynchronous Stochastic Gradient Descent with
+Delay Compensation* (ICML 2017): a gradient :math:`g` computed at :math:`w_s` and applied
+at :math:`w_t` is replaced by a first-order estimate of the gradient at :math:`w_t`, with
+the outer product :math:`\lambda\, g \odot g` as a cheap approximation of the Hessian:
+
+.. math:: \tilde g = g + \lambda\, g \odot g \odot (w_t - w_s)
+
+The correction is linear in three per-gradient quantities, so the sums over everything
+delivered at step :math:`t` can be accumulated *at send time* and need no history of
+parameters:
+
+.. math::
+
+  \sum \tilde g = \underbrace{\textstyle\sum g}_{c_1}
+  + \lambda \Big(\underbrace{\textstyle\sum g \odot g}_{c_2} \odot w_t
+  - \underbrace{\textstyle\sum g \odot g \odot w_s}_{c_3}\Big)
+
+Each message therefore carries three channels instead of one. Two modes:
+
+- constant (DC-ASGD-c): a fixed :math:`\lambda \ge 0`;
+- adaptive (DC-ASGD-a): :math:`\lambda_t = \lambda_0 / \sqrt{\nu_t + \epsilon}`
+  per coordinate, with :math:`\nu_t = m\, \nu_{t-1} + (1 - m)\, c_2 / n_t` an exponential
+  moving average of the mean square of the :math:`n_t` gradients delivered at :math:`t`;
+  it normalizes the correction to the gradient scale, so :math:`\lambda_0` transfers
+  across models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsq import _checks
+
+
+@dataclasses.dataclass(frozen=True)
+class DelayCompensation:
+    """Configuration of delay compensation (see the module docstring).
+
+    Attributes:
+      strength: :math:`\\lambda` (constant) or :math:`\\lambda_0` (adaptive), ``>= 0``.
+      adaptive: DC-ASGD-a when true, DC-ASGD-c otherwise.
+      decay: :math:`m \\in [0, 1)`, the EMA rate of the mean square (adaptive only).
+      eps: :math:`\\epsilon > 0` (adaptive only).
+    """
+
+    strength: float
+    adaptive: bool = False
+    decay: float = 0.95
+    eps: float = 1e-7
+
+
+class CompensationState(NamedTuple):
+    """``mean_square``: :math:`\\nu_t`, the EMA of delivered :math:`g \\odot g` (adaptive)."""
+
+    mean_square: optax.Updates
+
+
+def constant(strength: float) -> DelayCompensation:
+    """DC-ASGD-c with a fixed :math:`\\lambda` = ``strength >= 0``."""
+    _checks.real_in_range("compensation", strength, 0.0)
+    return DelayCompensation(float(strength))
+
+
+def adaptive(strength: float = 2.0, decay: float = 0.95, eps: float = 1e-7) -> DelayCompensation:
+    """DC-ASGD-a: :math:`\\lambda_t = \\lambda_0 / \\sqrt{\\nu_t + \\epsilon}`.
+
+    Args:
+      strength: :math:`\\lambda_0 \\ge 0` (the paper uses 2 on CIFAR-10).
+      decay: EMA rate :math:`m \\in [0, 1)` of the mean square.
+      eps: :math:`\\epsilon > 0`.
+    """
+    _checks.real_in_range("strength", strength, 0.0)
+    _checks.probability_like("decay", decay)
+    _checks.positive("eps", eps)
+    return DelayCompensation(float(strength), True, float(decay), float(eps))
+
+
+def resolve(compensation: float | DelayCompensation | None) -> DelayCompensation | None:
+    """Turns ``flying_squirrel(compensation=...)`` into a configuration or ``None``."""
+    if compensation is None or isinstance(compensation, DelayCompensation):
+        return compensation
+    if isinstance(compensation, str):
+        raise TypeError(
+            "compensation must be None, a float lambda or fsq.compensation.adaptive(...), "
+            f"got {compensation!r}"
+        )
+    return constant(compensation)
+
+
+def init(config: DelayCompensation, params: optax.Params) -> CompensationState:
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return CompensationState(zeros if config.adaptive else optax.EmptyState())
+
+
+def channels(gradient: optax.Updates, params: optax.Params) -> list[optax.Updates]:
+    """What a worker sends: :math:`g`, :math:`g \\odot g` and :math:`g \\odot g \\odot w_s`."""
+    square = jax.tree.map(lambda g: g * g, gradient)
+    return [gradient, square, jax.tree.map(lambda s, w: s * w, square, params)]
+
+
+def combine(
+    config: DelayCompensation,
+    state: CompensationState,
+    sums: list[optax.Updates],
+    params: optax.Params,
+    delivered: jax.Array,
+) -> tuple[optax.Updates, CompensationState]:
+    """The compensated sum :math:`c_1 + \\lambda (c_2 \\odot w_t - c_3)` of the delivered."""
+    first, square, square_at_send = sums
+    if config.adaptive:
+        mean_square = jax.tree.map(
+            lambda nu, c2: jnp.where(
+                delivered > 0,
+                config.decay * nu + (1 - config.decay) * c2 / jnp.maximum(delivered, 1),
+                nu,
+            ),
+            state.mean_square,
+            square,
+        )
+        strength = jax.tree.map(lambda nu: config.strength / jnp.sqrt(nu + config.eps), mean_square)
+        state = CompensationState(mean_square)
+    else:
+        strength = jax.tree.map(lambda _: config.strength, first)
+    total = jax.tree.map(
+        lambda c1, lam, c2, w, c3: c1 + lam * (c2 * w - c3),
+        first,
+        strength,
+        square,
+        params,
+        square_at_send,
+    )
+    return total, state
