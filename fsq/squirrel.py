@@ -49,11 +49,13 @@ class Scalars(NamedTuple):
       count: 1 for a gradient that will be applied, 0 for one dropped by the bound.
       delay_sum: its delay (the staleness it will have when delivered), times ``count``.
       bounded: 1 if the staleness bound dropped or held back this gradient.
+      weight: the factor the gradient was scaled by (0 if dropped).
     """
 
     count: jax.Array
     delay_sum: jax.Array
     bounded: jax.Array
+    weight: jax.Array
 
 
 class FlyingSquirrelState(NamedTuple):
@@ -98,8 +100,8 @@ def flying_squirrel(
     num_workers: int,
     axis_name: str | tuple[str, ...] = "workers",
     delay: int | delays.DelayModel = 0,
-    compensation: float | dc.DelayCompensation | None = None,
-    staleness: str | _staleness.StalenessRule | None = None,
+    compensation: float | str | dc.DelayCompensation | None = "adaptive",
+    staleness: str | _staleness.StalenessRule | None = "weighted_step",
     max_staleness: int | None = None,
     on_stale: str = "drop",
     load_balance: bool = False,
@@ -121,7 +123,18 @@ def flying_squirrel(
 
     with :math:`\tilde g` the delay-compensated gradient (:math:`g` when compensation is
     off), :math:`\alpha` the staleness rule (1 when off) and :math:`\omega_i` the
-    load-balancing weight (1 when off).
+    load-balancing weight (1 when off); the default ``"weighted_step"`` rule instead
+    feeds the inner optimizer the :math:`\alpha`-weighted mean and scales its step (see
+    :mod:`fsq.staleness`).
+
+    **Defaults.** ``staleness="weighted_step"`` and ``compensation="adaptive"`` were
+    chosen by measurement (``python -m experiments coordination``, docs/results.md):
+    MNIST-1D MLP, 8 workers, learning rate tuned for synchronous training and frozen,
+    then uniform delays up to 16 and 64 and heavy-tailed stragglers. Over 5 seeds this
+    pair has the best mean and the best worst case across SGD-momentum and Adam inners
+    (96-105% of synchronous accuracy), where plain asynchronous training diverges at
+    max_delay 16. With delay 0 the defaults are exactly synchronous training. Pass
+    ``staleness=None, compensation=None`` for plain asynchronous SGD.
 
     Args:
       inner: the optimizer applied to the delivered aggregate (any optax transform).
@@ -130,11 +143,14 @@ def flying_squirrel(
         mixed-radix index is the global worker id.
       delay: an int (a constant delay) or a :mod:`fsq.delays` model.
       compensation: delay compensation (DC-ASGD): ``None`` (off), a float
-        :math:`\lambda \ge 0` (DC-ASGD-c), or :func:`fsq.transforms.compensation.adaptive`
-        (DC-ASGD-a). Needs ``params`` in ``update``.
-      staleness: a staleness-aware step-size rule: ``None`` (off), ``"inverse"``,
-        ``"delay_adaptive"`` or a callable ``tau -> scale``
-        (:mod:`fsq.staleness`).
+        :math:`\lambda \ge 0` (DC-ASGD-c), ``"adaptive"`` (DC-ASGD-a with
+        :math:`\lambda_0 = 2`, the default) or :func:`fsq.compensation.adaptive`. It
+        needs ``params`` in ``update`` and triples the in-flight buffer and the bytes of
+        the all-reduce; with ``max_delay`` 0 it is exactly zero and is skipped.
+      staleness: a staleness-aware step-size rule: ``None`` (off), ``"weighted_step"``
+        (:math:`\tau_C = 4`, the default), ``"inverse"``,
+        ``"delay_adaptive"``, a :class:`fsq.staleness.StalenessRule`
+        or a callable ``tau -> scale`` (:mod:`fsq.staleness`).
       max_staleness: bounded staleness: gradients with a delay above this bound, an int in
         ``[0, max_delay]``, are handled by ``on_stale``; ``None`` for no bound.
       on_stale: ``"drop"`` discards a too-stale gradient (it is never applied);
@@ -197,6 +213,8 @@ def flying_squirrel(
         raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}")
     rule = _staleness.resolve(staleness, model)
     config = dc.resolve(compensation)
+    if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
+        config = None
     # Delivery counts and delay sums travel as floats; keep them exact in float32.
     if num_workers * (model.max_delay + 1) > 2**24:
         raise ValueError(
@@ -231,11 +249,11 @@ def flying_squirrel(
                 count = 1.0 - bounded
         scale = count
         if rule is not None:
-            scale = scale * rule(delay)
+            scale = scale * rule.scale(delay)
         if weights is not None:
             scale = scale * weights[worker]
         trees = [updates] if config is None else dc.channels(updates, params)
-        scalars = Scalars(count, count * delay, bounded)
+        scalars = Scalars(count, count * delay, bounded, scale)
         return trees, scalars, scale, delay
 
     def update_fn(
@@ -270,8 +288,12 @@ def flying_squirrel(
         if config is None:
             (total,) = sums
         else:
-            total, comp_state = dc.combine(config, comp_state, sums, params, delivered)
-        mean = jax.tree.map(lambda s, g: (s / num_workers).astype(g.dtype), total, updates)
+            total, comp_state = dc.combine(config, comp_state, sums, params, arrived.weight)
+        # Gradient scope: the scaled sum over W. Step scope: the weighted mean, and the
+        # inner step is scaled by the total weight over W below.
+        by_step = rule is not None and rule.scope == "step"
+        norm = jnp.maximum(arrived.weight, 1e-30) if by_step else num_workers
+        mean = jax.tree.map(lambda s, g: (s / norm).astype(g.dtype), total, updates)
 
         def step_inner(_):
             return inner.update(mean, state.inner_state, params, **extra_args)
@@ -280,6 +302,9 @@ def flying_squirrel(
             return optax.tree.zeros_like(mean), state.inner_state
 
         new_updates, inner_state = jax.lax.cond(delivered > 0, step_inner, skip, None)
+        if by_step:
+            step_scale = arrived.weight / num_workers
+            new_updates = jax.tree.map(lambda u: u * step_scale.astype(u.dtype), new_updates)
         return new_updates, FlyingSquirrelState(
             step=step + 1,
             in_flight=in_flight,

@@ -34,10 +34,22 @@ def grad_np(i, w):
     return A[i] @ (w - C[i])
 
 
-def reference(lam=0.0, adaptive=None, rule=None, max_staleness=None, on_stale="drop", weights=None):
-    """Per-gradient event simulation; ``adaptive=(decay, eps)`` for DC-ASGD-a."""
+def reference(
+    lam=0.0,
+    adaptive=None,
+    rule=None,
+    max_staleness=None,
+    on_stale="drop",
+    weights=None,
+    scope="gradient",
+    momentum=0.0,
+):
+    """Per-gradient event simulation; ``adaptive=(decay, eps)`` for DC-ASGD-a.
+
+    The inner optimizer is SGD with heavy-ball ``momentum`` (0: plain SGD).
+    """
     due = collections.defaultdict(list)
-    w, ms = np.zeros(DIM), np.zeros(DIM)
+    w, ms, velocity = np.zeros(DIM), np.zeros(DIM), np.zeros(DIM)
     trajectory, bounded = [], []
     for t in range(STEPS):
         for i in range(W):
@@ -50,24 +62,35 @@ def reference(lam=0.0, adaptive=None, rule=None, max_staleness=None, on_stale="d
         bounded.append(sum(late for *_, late in arrived))
         applied = [a for a in arrived if not (a[4] and on_stale == "drop")]
         if applied:
-            if adaptive is not None:
+            scales = [
+                (rule(d) if rule else 1.0) * (weights[i] if weights is not None else 1.0)
+                for _, _, d, i, _ in applied
+            ]
+            if adaptive is not None:  # EMA of the (scale-weighted) mean square
                 decay, eps = adaptive
-                ms = decay * ms + (1 - decay) * np.mean([g * g for g, *_ in applied], axis=0)
+                square = sum(a * g * g for a, (g, *_) in zip(scales, applied, strict=True))
+                ms = decay * ms + (1 - decay) * square / sum(scales)
                 lam_t = lam / np.sqrt(ms + eps)
             else:
                 lam_t = lam
-            total = np.zeros(DIM)
-            for g, w_sent, d, i, _ in applied:
-                corrected = g + lam_t * g * g * (w - w_sent)
-                scale = (rule(d) if rule else 1.0) * (weights[i] if weights is not None else 1.0)
-                total += scale * corrected
-            w = w - LR * total / W
+            total, weight = np.zeros(DIM), 0.0
+            for scale, (g, w_sent, *_) in zip(scales, applied, strict=True):
+                total += scale * (g + lam_t * g * g * (w - w_sent))
+                weight += scale
+            if scope == "step":  # weighted mean in, step scaled by the total weight
+                mean, step = total / weight, weight / W
+            else:
+                mean, step = total / W, 1.0
+            velocity = mean + momentum * velocity
+            w = w - step * LR * velocity
         trajectory.append(w)
     return np.stack(trajectory), np.array(bounded)
 
 
-def simulate(**kwargs):
-    tx = fsq.flying_squirrel(fsq.sgd(LR), num_workers=W, delay=delays.trace(TABLE), **kwargs)
+def simulate(inner=None, **kwargs):
+    kwargs = {"staleness": None, "compensation": None, **kwargs}
+    inner = fsq.sgd(LR) if inner is None else inner
+    tx = fsq.flying_squirrel(inner, num_workers=W, delay=delays.trace(TABLE), **kwargs)
     data = (jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32))
 
     def worker(params, state, shard):
@@ -134,6 +157,43 @@ def test_staleness_rules_match_their_formula(name, formula):
     assert_matches(simulate(staleness=name), reference(rule=formula))
 
 
+@pytest.mark.parametrize("threshold", [1.0, 2.5])
+def test_weighted_step_matches_its_formula_with_a_momentum_inner(threshold):
+    def formula(d):
+        return min(1.0, threshold / max(1, d))
+
+    want = reference(rule=formula, scope="step", momentum=0.8)
+    got = simulate(fsq.momentum(LR, 0.8), staleness=fsq.staleness.weighted_step(threshold))
+    assert_matches(got, want)
+    # The step scope differs from scaling gradients when the inner has momentum.
+    assert not np.allclose(want[0], reference(rule=formula, momentum=0.8)[0], atol=1e-4)
+
+
+def test_defaults_are_weighted_step_and_adaptive_compensation():
+    def formula(d):
+        return min(1.0, 4.0 / max(1, d))
+
+    want = reference(lam=2.0, adaptive=(0.95, 1e-7), rule=formula, scope="step", momentum=0.8)
+    tx = fsq.flying_squirrel(fsq.momentum(LR, 0.8), num_workers=W, delay=delays.trace(TABLE))
+    data = (jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32))
+    step = jax.jit(
+        jax.vmap(
+            lambda p, s, d: tx.update(jax.grad(loss)(p, d), s, p),
+            in_axes=(None, None, 0),
+            out_axes=None,
+            axis_name="workers",
+        )
+    )
+    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name="workers")
+    params, state = jnp.zeros(DIM), init(jnp.zeros(DIM))
+    trajectory = []
+    for _ in range(STEPS):
+        updates, state = step(params, state, data)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(params)
+    np.testing.assert_allclose(np.stack(trajectory), want[0], rtol=2e-5, atol=2e-6)
+
+
 def test_callable_staleness_rule_and_compensation_compose():
     rule = lambda d: 1.0 / (1.0 + d)  # noqa: E731
     got = simulate(staleness=lambda tau: 1.0 / (1.0 + tau.astype(jnp.float32)), compensation=1.0)
@@ -196,6 +256,7 @@ def test_load_balancing_reduces_mean_staleness():
         ({"compensation": "dc"}, TypeError, "compensation"),
         ({"compensation": float("inf")}, ValueError, "compensation"),
         ({"staleness": "harmonic"}, ValueError, "staleness must be"),
+        ({"staleness": 3}, ValueError, "staleness must be"),
         ({"max_staleness": 9, "delay": 4}, ValueError, "max_staleness"),
         ({"max_staleness": -1, "delay": 4}, ValueError, "max_staleness"),
         ({"on_stale": "block"}, ValueError, "on_stale"),
@@ -214,6 +275,8 @@ def test_bad_values_raise(kwargs, error, match):
         (lambda: compensation.adaptive(1.0, decay=1.0), "decay"),
         (lambda: compensation.adaptive(1.0, eps=0.0), "eps"),
         (lambda: staleness.delay_adaptive(0.0), "threshold"),
+        (lambda: staleness.delay_adaptive(1.0, scope="update"), "scope"),
+        (lambda: staleness.weighted_step(-1.0), "threshold"),
     ],
 )
 def test_bad_piece_arguments_raise(build, match):
@@ -222,7 +285,7 @@ def test_bad_piece_arguments_raise(build, match):
 
 
 def test_compensation_needs_params():
-    tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, compensation=1.0)
+    tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=1, compensation=1.0)
     state = tx.init(jnp.zeros(2))
     update = jax.vmap(tx.update, in_axes=(0, None), axis_name="workers")
     with pytest.raises(ValueError, match="compensation needs the current params"):

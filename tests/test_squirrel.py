@@ -1,4 +1,8 @@
-"""Flying Squirrel's core: exact delayed delivery, against independent numpy simulations."""
+"""Flying Squirrel's core: exact delayed delivery, against independent numpy simulations.
+
+Tests of the plain simulator switch the default staleness rule and delay compensation
+off (``PLAIN``); tests/test_algorithm.py covers those pieces.
+"""
 
 import collections
 import functools
@@ -15,6 +19,7 @@ import fsq
 from fsq import delays
 
 AXIS = "workers"
+PLAIN = {"staleness": None, "compensation": None}
 
 
 def run(tx, loss_fn, params, data, steps):
@@ -89,7 +94,7 @@ def as_f32(tree):
 def test_constant_delay_matches_numpy_recursion(task, tau):
     loss_fn, grad_np, data = TASKS[task]
     lr, steps = 0.3, 30
-    tx = fsq.flying_squirrel(fsq.sgd(lr), num_workers=W, delay=tau)
+    tx = fsq.flying_squirrel(fsq.sgd(lr), num_workers=W, delay=tau, **PLAIN)
     params, _, (trajectory, delivered, staleness) = run(
         tx, loss_fn, jnp.zeros(3), as_f32(data), steps
     )
@@ -127,7 +132,7 @@ def numpy_event_simulation(grad_np, table, lr, steps):
 def test_random_delay_trace_matches_event_simulation(seed):
     table = np.random.default_rng(seed).integers(0, 6, size=(7, W))
     lr, steps = 0.2, 25
-    tx = fsq.flying_squirrel(fsq.sgd(lr), num_workers=W, delay=delays.trace(table))
+    tx = fsq.flying_squirrel(fsq.sgd(lr), num_workers=W, delay=delays.trace(table), **PLAIN)
     _, _, (trajectory, delivered, staleness) = run(
         tx, quad_loss, jnp.zeros(3), as_f32(TASKS["quadratic"][2]), steps
     )
@@ -170,7 +175,7 @@ def test_delay_zero_equals_synchronous_full_batch(inner):
 
 def test_inner_optimizer_is_not_stepped_while_nothing_arrives():
     tau, steps = 3, 8
-    tx = fsq.flying_squirrel(fsq.adam(0.1), num_workers=W, delay=tau)
+    tx = fsq.flying_squirrel(fsq.adam(0.1), num_workers=W, delay=tau, **PLAIN)
     data = as_f32(TASKS["quadratic"][2])
     _, state, (trajectory, _, _) = run(tx, quad_loss, jnp.zeros(3), data, steps)
     np.testing.assert_array_equal(trajectory[:tau], 0.0)
@@ -200,7 +205,9 @@ def conservation_runner(num_workers, model_index):
 
     @jax.jit
     def go(grads, zero_tail, seed):
-        tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=num_workers, delay=model, seed=seed)
+        tx = fsq.flying_squirrel(
+            fsq.sgd(1.0), num_workers=num_workers, delay=model, seed=seed, **PLAIN
+        )
         params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
         update = jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name=AXIS)
         init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS)
@@ -264,11 +271,16 @@ def test_same_seed_bitwise_identical_different_seed_different_delays():
 
 def test_in_flight_memory_is_independent_of_the_number_of_workers():
     for num_workers in (2, 16):
-        tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=num_workers, delay=delays.uniform(6))
-        init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS)
-        state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
-        # (max_delay + 1) slots x (33 params + count, delay sum, bounded), float32
-        assert state.in_flight.slots.shape == (7, 36)
+        for extras, channels in ((PLAIN, 1), ({}, 3)):  # compensation sends 3 channels
+            tx = fsq.flying_squirrel(
+                fsq.sgd(0.1), num_workers=num_workers, delay=delays.uniform(6), **extras
+            )
+            init = jax.vmap(
+                tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS
+            )
+            state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
+            # (max_delay + 1) slots x (33 params x channels + count, delay, bounded, weight)
+            assert state.in_flight.slots.shape == (7, 33 * channels + 4)
 
 
 def test_bfloat16_params_get_bfloat16_updates():

@@ -21,10 +21,11 @@ Each message therefore carries three channels instead of one. Two modes:
 
 - constant (DC-ASGD-c): a fixed :math:`\lambda \ge 0`;
 - adaptive (DC-ASGD-a): :math:`\lambda_t = \lambda_0 / \sqrt{\nu_t + \epsilon}`
-  per coordinate, with :math:`\nu_t = m\, \nu_{t-1} + (1 - m)\, c_2 / n_t` an exponential
-  moving average of the mean square of the :math:`n_t` gradients delivered at :math:`t`;
-  it normalizes the correction to the gradient scale, so :math:`\lambda_0` transfers
-  across models.
+  per coordinate, with :math:`\nu_t = m\, \nu_{t-1} + (1 - m)\, c_2 / a_t` an
+  exponential moving average of the mean square of the gradients delivered at :math:`t`
+  (weighted by their staleness weights, whose sum is :math:`a_t`; with no staleness rule
+  :math:`a_t` is the number delivered); it normalizes the correction to the gradient
+  scale, so :math:`\lambda_0` transfers across models.
 """
 
 from __future__ import annotations
@@ -82,14 +83,21 @@ def adaptive(strength: float = 2.0, decay: float = 0.95, eps: float = 1e-7) -> D
     return DelayCompensation(float(strength), True, float(decay), float(eps))
 
 
-def resolve(compensation: float | DelayCompensation | None) -> DelayCompensation | None:
-    """Turns ``flying_squirrel(compensation=...)`` into a configuration or ``None``."""
+def resolve(
+    compensation: float | str | DelayCompensation | None,
+) -> DelayCompensation | None:
+    """Turns ``flying_squirrel(compensation=...)`` into a configuration or ``None``.
+
+    ``"adaptive"`` stands for :func:`adaptive` with its defaults.
+    """
     if compensation is None or isinstance(compensation, DelayCompensation):
         return compensation
+    if compensation == "adaptive":
+        return adaptive()
     if isinstance(compensation, str):
         raise TypeError(
-            "compensation must be None, a float lambda or fsq.compensation.adaptive(...), "
-            f"got {compensation!r}"
+            "compensation must be None, a float lambda, 'adaptive' or "
+            f"fsq.compensation.adaptive(...), got {compensation!r}"
         )
     return constant(compensation)
 
@@ -110,15 +118,15 @@ def combine(
     state: CompensationState,
     sums: list[optax.Updates],
     params: optax.Params,
-    delivered: jax.Array,
+    weight: jax.Array,
 ) -> tuple[optax.Updates, CompensationState]:
     """The compensated sum :math:`c_1 + \\lambda (c_2 \\odot w_t - c_3)` of the delivered."""
     first, square, square_at_send = sums
     if config.adaptive:
         mean_square = jax.tree.map(
             lambda nu, c2: jnp.where(
-                delivered > 0,
-                config.decay * nu + (1 - config.decay) * c2 / jnp.maximum(delivered, 1),
+                weight > 0,
+                config.decay * nu + (1 - config.decay) * c2 / jnp.maximum(weight, 1e-30),
                 nu,
             ),
             state.mean_square,

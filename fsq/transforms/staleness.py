@@ -1,31 +1,51 @@
-r"""Staleness-aware step sizes: scale each gradient by a function of its staleness.
+r"""Staleness-aware step sizes: weigh each gradient by a function of its staleness.
 
 A gradient computed at step :math:`s` and delivered at :math:`t` has staleness
 :math:`\tau = t - s`, which in the logical clock is its delay, known when it is sent. A
 rule :math:`\alpha(\tau)` scales it before it enters the in-flight buffer, so a rule
-costs one multiply per parameter at send time and nothing at delivery:
+costs one multiply per parameter at send time and nothing at delivery. Rules act in one
+of two *scopes*:
 
-.. math:: G_t = \frac{1}{W} \sum_{(i,s):\, s + \tau_i(s) = t} \alpha(\tau_i(s))\, g_i(s)
+- ``"gradient"`` — each gradient is scaled, the inner optimizer sees the scaled mean:
+
+  .. math:: G_t = \frac{1}{W} \sum_{\text{delivered}} \alpha(\tau)\, g
+
+- ``"step"`` — the rule weighs the delivered gradients, the inner optimizer sees their
+  weighted mean, and its *update* is scaled by the total weight:
+
+  .. math::
+
+    G_t = \frac{\sum \alpha(\tau)\, g}{\sum \alpha(\tau)}, \qquad
+    u_t = \frac{\sum \alpha(\tau)}{W}\, \mathrm{inner}(G_t)
+
+  For SGD both scopes are the same. For scale-invariant inner optimizers (Adam,
+  RMSProp, AdaGrad) scaling a gradient barely changes the step, so only the step scope
+  tames staleness.
 
 Rules (all equal 1 at :math:`\tau = 0`, so synchronous training is unchanged):
 
-- ``"inverse"`` — :math:`\alpha(\tau) = 1 / \max(1, \tau)`: the staleness-dependent
-  learning rate of Zhang, Gupta, Lian and Liu, *Staleness-aware Async-SGD for
-  Distributed Deep Learning* (IJCAI 2016). Robust but slow: old gradients barely count.
-- ``"delay_adaptive"`` — :math:`\alpha(\tau) = \min(1, \tau_C / \tau)`: full steps for
-  gradients up to a threshold :math:`\tau_C`, steps shrinking as :math:`1/\tau` beyond
-  it, the delay-adaptive step size of Koloskova, Stich and Jaggi, *Sharper Convergence
-  Guarantees for Asynchronous SGD* (NeurIPS 2022) and Mishchenko, Bach, Even and
-  Woodworth, *Asynchronous SGD Beats Minibatch SGD Under Arbitrary Delays* (NeurIPS 2022),
-  whose rates then depend on the *average* rather than the maximum delay. The threshold
-  defaults to the delay model's mean delay (at least 1).
-- any callable ``tau -> alpha`` on int32 arrays, for experiments.
+- ``"inverse"`` — :math:`\alpha(\tau) = 1 / \max(1, \tau)`, gradient scope: the
+  staleness-dependent learning rate of Zhang, Gupta, Lian and Liu, *Staleness-aware
+  Async-SGD for Distributed Deep Learning* (IJCAI 2016). Robust but slow: old gradients
+  barely count.
+- ``"delay_adaptive"`` — :math:`\alpha(\tau) = \min(1, \tau_C / \tau)`, gradient scope:
+  full steps for gradients up to a threshold :math:`\tau_C`, steps shrinking as
+  :math:`1/\tau` beyond it, the delay-adaptive step size of Koloskova, Stich and Jaggi,
+  *Sharper Convergence Guarantees for Asynchronous SGD* (NeurIPS 2022) and Mishchenko,
+  Bach, Even and Woodworth, *Asynchronous SGD Beats Minibatch SGD Under Arbitrary
+  Delays* (NeurIPS 2022), whose rates then depend on the *average* rather than the
+  maximum delay. The threshold defaults to the delay model's mean delay (at least 1).
+- ``"weighted_step"`` — :math:`\alpha(\tau) = \min(1, \tau_C / \tau)` with
+  :math:`\tau_C = 4`, step scope: Flying Squirrel's rule, chosen by measurement
+  (``experiments/coordination.py``): it keeps the stability margin of the synchronously
+  tuned learning rate for any inner optimizer.
+- a :class:`StalenessRule`, or any callable ``tau -> alpha`` (gradient scope).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +53,15 @@ import jax.numpy as jnp
 from fsq import _checks
 from fsq.delays import DelayModel
 
-StalenessRule = Callable[[jax.Array], jax.Array]
-RULES = ("inverse", "delay_adaptive")
+SCOPES = ("gradient", "step")
+RULES = ("inverse", "delay_adaptive", "weighted_step")
+
+
+class StalenessRule(NamedTuple):
+    """A staleness rule: ``scale(tau) -> alpha`` on int32 arrays, and its scope."""
+
+    scale: Callable[[jax.Array], jax.Array]
+    scope: str = "gradient"
 
 
 def inverse() -> StalenessRule:
@@ -43,36 +70,53 @@ def inverse() -> StalenessRule:
     Example:
       >>> import jax.numpy as jnp
       >>> from fsq.transforms import staleness
-      >>> print(staleness.inverse()(jnp.array([0, 1, 4])))
+      >>> print(staleness.inverse().scale(jnp.array([0, 1, 4])))
       [1.   1.   0.25]
     """
-    return lambda tau: 1.0 / jnp.maximum(1.0, tau.astype(jnp.float32))
+    return StalenessRule(lambda tau: 1.0 / jnp.maximum(1.0, tau.astype(jnp.float32)))
 
 
-def delay_adaptive(threshold: float) -> StalenessRule:
+def delay_adaptive(threshold: float, scope: str = "gradient") -> StalenessRule:
     r""":math:`\alpha(\tau) = \min(1, \tau_C / \tau)` (Koloskova et al. 2022).
 
     Args:
       threshold: :math:`\tau_C > 0`, the largest staleness that keeps a full step.
+      scope: ``"gradient"`` or ``"step"`` (see the module docstring).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from fsq.transforms import staleness
-      >>> print(staleness.delay_adaptive(2.0)(jnp.array([0, 2, 8])))
+      >>> print(staleness.delay_adaptive(2.0).scale(jnp.array([0, 2, 8])))
       [1.   1.   0.25]
     """
     _checks.positive("threshold", threshold)
-    return lambda tau: jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau.astype(jnp.float32)))
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    return StalenessRule(
+        lambda tau: jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau.astype(jnp.float32))),
+        scope,
+    )
+
+
+def weighted_step(threshold: float = 4.0) -> StalenessRule:
+    r"""Flying Squirrel's rule: :math:`\min(1, \tau_C / \tau)` weights, step scope.
+
+    Args:
+      threshold: :math:`\tau_C > 0`, the staleness up to which a gradient counts fully.
+    """
+    return delay_adaptive(threshold, scope="step")
 
 
 def resolve(rule: Any, model: DelayModel) -> StalenessRule | None:
     """Turns ``flying_squirrel(staleness=...)`` into a rule, or ``None`` when off."""
-    if rule is None:
-        return None
+    if rule is None or isinstance(rule, StalenessRule):
+        return rule
     if rule == "inverse":
         return inverse()
     if rule == "delay_adaptive":
         return delay_adaptive(max(1.0, model.mean_delay))
+    if rule == "weighted_step":
+        return weighted_step()
     if callable(rule):
-        return rule
+        return StalenessRule(rule)
     raise ValueError(f"staleness must be None, one of {RULES} or a callable, got {rule!r}")

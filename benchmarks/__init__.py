@@ -1,0 +1,1 @@
+"""Speed, memory and communication measurements of fsq (scripts, not tests)."""

@@ -1,0 +1,126 @@
+"""Memory and communication of Flying Squirrel, from the state pytree and the compiled step.
+
+For each feature combination: the bytes of optimizer state per device, split into the
+in-flight buffer and the rest, next to the documented formula
+
+    in_flight = (max_delay + 1) * (C * P + 4) * 4 bytes,   C = 1 (3 with compensation)
+
+(P parameters, C gradient channels, 4 bookkeeping scalars per slot, float32); the peak
+memory of the compiled step (``memory_analysis``); and the count and bytes of the
+collectives in the compiled HLO of one step.
+
+Run: ``python -m benchmarks.memory [--devices 8] [--workers 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import jax
+
+OPS = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
+COLLECTIVE = re.compile(rf"= (?P<shape>[^ ]+) (?P<op>{OPS})\(")
+
+
+def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
+    """``op -> (count, bytes)`` of the collectives in compiled HLO text."""
+    found: dict[str, tuple[int, int]] = {}
+    for match in COLLECTIVE.finditer(hlo):
+        dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", match["shape"]).groups()
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        width = {"f32": 4, "f64": 8, "bf16": 2, "s32": 4, "f16": 2}.get(dtype, 4)
+        count, total = found.get(match["op"], (0, 0))
+        found[match["op"]] = (count + 1, total + size * width)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--width", type=int, default=256)
+    args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.devices)
+
+    import jax.numpy as jnp
+    import optax
+
+    import fsq
+    from benchmarks import timing
+
+    sizes = (784, args.width, args.width, 10)
+    params = [(jnp.zeros((a, b)), jnp.zeros(b)) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    num_params = sum(w.size + b.size for w, b in params)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        for w, b in params[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        logits = x @ params[-1][0] + params[-1][1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    batch = (jnp.zeros((args.workers, 16, sizes[0])), jnp.zeros((args.workers, 16), jnp.int32))
+    combos = {
+        "delay 0, plain": ({"delay": 0, "staleness": None, "compensation": None}, 0, 1),
+        "uniform(16), plain": (
+            {"delay": fsq.delays.uniform(16), "staleness": None, "compensation": None},
+            16,
+            1,
+        ),
+        "uniform(16), default": ({"delay": fsq.delays.uniform(16)}, 16, 3),
+        "uniform(16), DC-c": (
+            {"delay": fsq.delays.uniform(16), "staleness": None, "compensation": 0.04},
+            16,
+            3,
+        ),
+        "uniform(16), DC-a": (
+            {
+                "delay": fsq.delays.uniform(16),
+                "staleness": None,
+                "compensation": fsq.compensation.adaptive(),
+            },
+            16,
+            3,
+        ),
+    }
+    rows = []
+    inner = fsq.adam(1e-3)
+    inner_bytes = sum(x.nbytes for x in jax.tree.leaves(inner.init(params)))
+    for name, (kwargs, max_delay, channels) in combos.items():
+        tx = fsq.flying_squirrel(
+            inner, num_workers=args.workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
+        )
+        dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=args.workers)
+        state = dp.init(params)
+        devices = dp.mesh.devices.size
+        in_flight = state.opt_state.in_flight.slots.nbytes // devices  # per device
+        total = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) - in_flight * (devices - 1)
+        formula = (max_delay + 1) * (channels * num_params + 4) * 4
+        compiled = dp.step.lower(state, batch).compile()
+        memory = compiled.memory_analysis()
+        comms = collective_bytes(compiled.as_text())
+        rows.append(
+            {
+                "features": name,
+                "in_flight_MiB": in_flight / 2**20,
+                "formula_MiB": formula / 2**20,
+                "matches": in_flight == formula,
+                "rest_of_state_MiB": (total - in_flight) / 2**20,
+                "adam_state_MiB": inner_bytes / 2**20,
+                "peak_temp_MiB": getattr(memory, "temp_size_in_bytes", 0) / 2**20,
+                "collectives": ", ".join(f"{op} x{c} ({b} B)" for op, (c, b) in comms.items()),
+            }
+        )
+    print(
+        f"{args.workers} workers on {jax.device_count()} devices, {num_params} params; "
+        "bytes per device"
+    )
+    timing.print_table(rows)
+    print(f"results: {timing.save('memory', {'num_params': num_params, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

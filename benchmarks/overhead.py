@@ -1,0 +1,129 @@
+"""Overhead of Flying Squirrel against a hand-written synchronous data-parallel step.
+
+Both run on the same mesh, model and batch: an MLP, one worker per device, Adam inner.
+The synchronous reference is what users write by hand: local gradients in a shard_map,
+one ``pmean``, the optax update. Reported: median step time over interleaved
+repetitions, and the ratio to the synchronous step.
+
+Run: ``python -m benchmarks.overhead [--devices 8] [--width 1024] [--repeats 30]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    parser.add_argument("--width", type=int, default=1024, help="MLP hidden width")
+    parser.add_argument("--batch", type=int, default=32, help="examples per worker")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.devices)
+
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
+    import fsq
+    from benchmarks import timing
+
+    mesh = fsq.parallel.make_mesh()
+    workers = mesh.devices.size
+    sizes = (784, args.width, args.width, 10)
+    keys = jax.random.split(jax.random.key(0), len(sizes))
+    params = [
+        (jax.random.normal(k, (a, b)) / a**0.5, jnp.zeros(b))
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
+    num_params = sum(w.size + b.size for w, b in params)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        for w, b in params[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        logits = x @ params[-1][0] + params[-1][1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    batch = (
+        jax.random.normal(keys[0], (workers, args.batch, sizes[0])),
+        jax.random.randint(keys[1], (workers, args.batch), 0, 10),
+    )
+    inner = fsq.adam(1e-3)
+
+    def sync_body(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, jax.tree.map(lambda x: x[0], batch))
+        grads = lax.pmean(grads, fsq.parallel.DEVICE_AXIS)
+        updates, opt_state = inner.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss[None]
+
+    sync_step = jax.jit(
+        jax.shard_map(
+            sync_body,
+            mesh=mesh,
+            in_specs=(P(), P(), P(fsq.parallel.DEVICE_AXIS)),
+            out_specs=(P(), P(), P(fsq.parallel.DEVICE_AXIS)),
+            check_vma=False,
+        )
+    )
+    sync_state = [params, inner.init(params)]
+
+    def sync_thunk():
+        sync_state[0], sync_state[1], loss = sync_step(*sync_state, batch)
+        return loss
+
+    variants = {
+        "delay 0, extras off": {"delay": 0, "staleness": None, "compensation": None},
+        "delay 0, default": {"delay": 0},
+        "uniform(16), extras off": {
+            "delay": fsq.delays.uniform(16),
+            "staleness": None,
+            "compensation": None,
+        },
+        "uniform(16), DC-c": {
+            "delay": fsq.delays.uniform(16),
+            "staleness": None,
+            "compensation": 0.04,
+        },
+        "uniform(16), default": {"delay": fsq.delays.uniform(16)},
+    }
+    thunks = {"synchronous (hand-written)": sync_thunk}
+    for name, kwargs in variants.items():
+        tx = fsq.flying_squirrel(
+            inner, num_workers=workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
+        )
+        dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers, mesh=mesh)
+        holder = [dp.init(params)]
+
+        def thunk(dp=dp, holder=holder):
+            holder[0], losses = dp.step(holder[0], batch)
+            return losses
+
+        thunks[f"flying squirrel, {name}"] = thunk
+
+    medians = timing.median_seconds(thunks, repeats=args.repeats)
+    base = medians["synchronous (hand-written)"]
+    rows = [
+        {"step": name, "median_ms": 1e3 * t, "ratio_to_sync": t / base}
+        for name, t in medians.items()
+    ]
+    print(f"{workers} workers on {workers} devices, MLP {sizes}, {num_params} params")
+    timing.print_table(rows)
+    path = timing.save(
+        "overhead",
+        {
+            "workers": workers,
+            "num_params": num_params,
+            "batch_per_worker": args.batch,
+            "rows": rows,
+        },
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Side-by-side timing: interleaved repetitions in one process, medians and ratios."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+def median_seconds(
+    candidates: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall time of each thunk; repetitions are interleaved so drift hits all alike."""
+    for thunk in candidates.values():
+        for _ in range(warmup):
+            jax.block_until_ready(thunk())
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, thunk in candidates.items():
+            start = time.perf_counter()
+            jax.block_until_ready(thunk())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    text = [
+        [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows
+    ]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for t in text:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+
+
+def save(name: str, payload: dict) -> pathlib.Path:
+    out = pathlib.Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    payload = {
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
+        **payload,
+    }
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    return path
