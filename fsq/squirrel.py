@@ -46,16 +46,19 @@ class Scalars(NamedTuple):
     """The bookkeeping scalars of a message; summed in flight like the gradient.
 
     Attributes:
-      count: 1 for a gradient that will be applied, 0 for one dropped by the bound.
+      count: 1 for a gradient that will be applied, 0 for one dropped (by the staleness
+        bound, or for not being finite).
       delay_sum: its delay (the staleness it will have when delivered), times ``count``.
       bounded: 1 if the staleness bound dropped or held back this gradient.
       weight: the factor the gradient was scaled by (0 if dropped).
+      rejected: 1 if the gradient had a NaN or an infinity (it is sent as zeros).
     """
 
     count: jax.Array
     delay_sum: jax.Array
     bounded: jax.Array
     weight: jax.Array
+    rejected: jax.Array
 
 
 class FlyingSquirrelState(NamedTuple):
@@ -70,6 +73,9 @@ class FlyingSquirrelState(NamedTuple):
       staleness: their mean staleness :math:`t - s` in steps (float32; 0 if none).
       bounded: how many gradients due at the last step the staleness bound dropped or
         held back (int32).
+      rejected: how many gradients due at the last step were rejected at send time for
+        holding a NaN or an infinity (int32); they never reach the parameters or the
+        inner optimizer state.
     """
 
     step: jax.Array
@@ -79,6 +85,7 @@ class FlyingSquirrelState(NamedTuple):
     delivered: jax.Array
     staleness: jax.Array
     bounded: jax.Array
+    rejected: jax.Array
 
 
 def _accumulation_dtype(params: optax.Params) -> jnp.dtype:
@@ -235,26 +242,30 @@ def flying_squirrel(
             delivered=jnp.zeros([], jnp.int32),
             staleness=jnp.zeros([], jnp.float32),
             bounded=jnp.zeros([], jnp.int32),
+            rejected=jnp.zeros([], jnp.int32),
         )
 
     def send(updates, params, delay, worker):
-        """The message of one worker: what it sends, how much it counts, and its slot."""
-        count, bounded = jnp.float32(1), jnp.float32(0)
+        """One worker's message: its channels, scalars and (possibly clipped) delay."""
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+        # A select, not a multiply: 0 * NaN is NaN.
+        updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), updates)
+        count, bounded = finite.astype(jnp.float32), jnp.float32(0)
         if max_staleness is not None:
             late = delay > max_staleness
             bounded = late.astype(jnp.float32)
             if on_stale == "wait":
                 delay = jnp.minimum(delay, max_staleness)
             else:
-                count = 1.0 - bounded
+                count = count * (1.0 - bounded)
         scale = count
         if rule is not None:
             scale = scale * rule.scale(delay)
         if weights is not None:
             scale = scale * weights[worker]
         trees = [updates] if config is None else dc.channels(updates, params)
-        scalars = Scalars(count, count * delay, bounded, scale)
-        return trees, scalars, scale, delay
+        scalars = Scalars(count, count * delay, bounded, scale, 1.0 - finite)
+        return trees, scalars, delay
 
     def update_fn(
         updates: optax.Updates,
@@ -277,8 +288,8 @@ def flying_squirrel(
         step = state.step
         delay = model(_random.event_key(seed, _random.Stream.DELAY, step, worker), step, worker)
 
-        trees, scalars, scale, delay = send(updates, params, delay, worker)
-        message = wire.pack(trees, scalars, slots.dtype, scale)
+        trees, scalars, delay = send(updates, params, delay, worker)
+        message = wire.pack(trees, scalars, slots.dtype, scalars.weight)
         in_flight = delivery.send(state.in_flight, message, step + delay, axes.local)
         total, in_flight = delivery.deliver(in_flight, step, axes.device)
         sums, arrived = wire.unpack(total, updates, num_trees)
@@ -313,6 +324,7 @@ def flying_squirrel(
             delivered=delivered,
             staleness=(arrived.delay_sum / jnp.maximum(arrived.count, 1.0)).astype(jnp.float32),
             bounded=jnp.round(arrived.bounded).astype(jnp.int32),
+            rejected=jnp.round(arrived.rejected).astype(jnp.int32),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -279,8 +279,8 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
                 tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS
             )
             state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
-            # (max_delay + 1) slots x (33 params x channels + count, delay, bounded, weight)
-            assert state.in_flight.slots.shape == (7, 33 * channels + 4)
+            # (max_delay + 1) slots x (33 params x channels + 5 scalars)
+            assert state.in_flight.slots.shape == (7, 33 * channels + 5)
 
 
 def test_bfloat16_params_get_bfloat16_updates():
@@ -306,6 +306,29 @@ def test_works_with_per_worker_batched_state_too():
     u, state = update(jnp.zeros((2, 1)), state, jnp.zeros((2, 1)))
     np.testing.assert_array_equal(u, [[-2.0], [-2.0]])
     np.testing.assert_array_equal(state.delivered, [2, 2])
+
+
+@pytest.mark.parametrize("extras", [PLAIN, {}], ids=["plain", "defaults"])
+def test_non_finite_gradients_are_rejected_and_counted(extras):
+    steps, tau = 6, 2
+    tx = fsq.flying_squirrel(fsq.sgd(0.5), num_workers=W, delay=tau, **extras)
+    update = jax.jit(jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name=AXIS))
+    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name=AXIS)
+    grads = np.ones((steps, W, 3), np.float32)
+    grads[1, 2, 0] = np.nan  # worker 2 at step 1
+    grads[3, 0, :] = np.inf  # worker 0 at step 3
+    clean = grads.copy()
+    clean[1, 2], clean[3, 0] = 0.0, 0.0
+    params, state, rejected = jnp.zeros(3), init(jnp.zeros(3)), []
+    for t in range(steps + tau):
+        g = grads[t] if t < steps else np.zeros((W, 3), np.float32)
+        updates, state = update(jnp.asarray(g), state, params)
+        params = optax.apply_updates(params, updates)
+        assert np.all(np.isfinite(params)) and np.all(np.isfinite(state.in_flight.slots))
+        rejected.append(int(state.rejected))
+    assert rejected == [0, 0, 0, 1, 0, 1, 0, 0]  # counted when they were due (t + 2)
+    if extras is PLAIN:  # 1/W of everything that was finite, nothing else
+        np.testing.assert_allclose(params, -0.5 * clean.sum((0, 1)) / W, rtol=1e-6)
 
 
 # --- Bad configurations ----------------------------------------------------------------
