@@ -3,9 +3,9 @@
 For each feature combination: the bytes of optimizer state per device, split into the
 in-flight buffer and the rest, next to the documented formula
 
-    in_flight = (max_delay + 1) * (C * P + 4) * 4 bytes,   C = 1 (3 with compensation)
+    in_flight = max_delay * (C * P + 5) * 4 bytes,   C = 1 (3 with compensation)
 
-(P parameters, C gradient channels, 4 bookkeeping scalars per slot, float32); the peak
+(P parameters, C gradient channels, 5 bookkeeping scalars per slot, float32); the peak
 memory of the compiled step (``memory_analysis``); and the count and bytes of the
 collectives in the compiled HLO of one step.
 
@@ -98,7 +98,7 @@ def main() -> None:
         devices = dp.mesh.devices.size
         in_flight = state.opt_state.in_flight.slots.nbytes // devices  # per device
         total = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) - in_flight * (devices - 1)
-        formula = (max_delay + 1) * (channels * num_params + 4) * 4
+        formula = max_delay * (channels * num_params + 5) * 4
         compiled = dp.step.lower(state, batch).compile()
         memory = compiled.memory_analysis()
         comms = collective_bytes(compiled.as_text())

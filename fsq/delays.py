@@ -52,7 +52,7 @@ class DelayModel:
 
     Attributes:
       max_delay: the largest delay the model can produce; the in-flight buffer holds
-        ``max_delay + 1`` delivery slots.
+        ``max_delay`` delivery slots (delay-0 messages are delivered at once).
       num_workers: the number of workers the model is defined for, or ``None`` if any.
     """
 

@@ -290,8 +290,9 @@ def flying_squirrel(
 
         trees, scalars, delay = send(updates, params, delay, worker)
         message = wire.pack(trees, scalars, slots.dtype, scalars.weight)
-        in_flight = delivery.send(state.in_flight, message, step + delay, axes.local)
-        total, in_flight = delivery.deliver(in_flight, step, axes.device)
+        total, in_flight = delivery.exchange(
+            state.in_flight, message, delay, step, axes.local, axes.device
+        )
         sums, arrived = wire.unpack(total, updates, num_trees)
         arrived = Scalars(*arrived)
         delivered = jnp.round(arrived.count).astype(jnp.int32)
