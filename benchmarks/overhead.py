@@ -38,7 +38,7 @@ def main() -> None:
     keys = jax.random.split(jax.random.key(0), len(sizes))
     params = [
         (jax.random.normal(k, (a, b)) / a**0.5, jnp.zeros(b))
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+        for k, a, b in zip(keys[1:], sizes[:-1], sizes[1:], strict=True)
     ]
     num_params = sum(w.size + b.size for w, b in params)
 

@@ -17,8 +17,9 @@ The step computes each worker's *local* gradient (``shard_map`` runs with
 ``check_vma=False``, so ``jax.grad`` of replicated parameters is not summed over devices
 behind the user's back), applies ``tx`` per worker and returns the new replicated
 parameters. State that lives on one device (the in-flight buffer of
-:class:`fsq.InFlight`) is stored with a leading device axis; everything else is
-replicated.
+:class:`fsq.InFlight`) is stored as the devices' blocks concatenated along axis 0, so
+``shard_map`` hands each device its block without a reshape (a reshape there makes XLA
+copy the buffer every step); everything else is replicated.
 
 Example:
   >>> import jax, jax.numpy as jnp, fsq
@@ -56,7 +57,7 @@ LossFn = Callable[[optax.Params, Any], jax.Array]
 
 
 class TrainState(NamedTuple):
-    """Parameters (replicated) and optimizer state (per-device parts on a leading axis)."""
+    """Parameters (replicated) and optimizer state (per-device parts concatenated on axis 0)."""
 
     params: optax.Params
     opt_state: optax.OptState
@@ -69,7 +70,9 @@ class DataParallel(NamedTuple):
       init: ``params -> TrainState``, placed on the devices.
       step: jitted ``(TrainState, batch) -> (TrainState, losses)``; every leaf of ``batch``
         has a leading axis of ``num_workers`` (one shard per worker) and ``losses`` is the
-        ``[num_workers]`` vector of each worker's loss before the update.
+        ``[num_workers]`` vector of each worker's loss before the update. The input state
+        is donated (its buffers are reused in place, so the in-flight buffer is never
+        copied); keep using the returned state.
       num_workers: ``W``.
       mesh: the device mesh (one device for the ``vmap`` backend).
       backend: ``"vmap"``, ``"shard_map"`` or ``"pmap"``.
@@ -156,7 +159,6 @@ def data_parallel(
             f"num_workers={num_workers} must be a multiple of the number of devices "
             f"({num_devices}); fsq never pads workers silently"
         )
-    per_device = num_workers // num_devices
 
     def worker_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -169,67 +171,62 @@ def data_parallel(
         )(params, opt_state, batch)
 
     def map_devices(params, opt_state, batch):
-        if backend == "pmap":
-            in_axes = (None, _per_device(opt_state, 0, None), 0)
-            return jax.pmap(
-                device_step,
-                axis_name=DEVICE_AXIS,
-                in_axes=in_axes,
-                out_axes=in_axes,
-                devices=list(mesh.devices.flat),
+        """Runs ``device_step`` once per device; ``batch`` leaves are ``[W, ...]``."""
+        if backend == "vmap":  # one device: everything but the batch is its own block
+            return jax.vmap(
+                device_step, in_axes=None, out_axes=None, axis_size=1, axis_name=DEVICE_AXIS
+            )(params, opt_state, batch)
+        if backend == "shard_map":  # device blocks are the slices of axis 0: no reshapes
+            specs = (P(), _per_device(opt_state, P(DEVICE_AXIS), P()), P(DEVICE_AXIS))
+            return jax.shard_map(
+                device_step, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
             )(params, opt_state, batch)
 
-        # Per-device parts have a leading axis of 1 here: under shard_map, the local block
-        # of the device axis; under vmap, the single simulated device.
-        def strip_call_grow(params, opt_state, batch):
-            opt_state = _map_per_device(opt_state, lambda x: x[0], lambda x: x)
-            if backend == "shard_map":
-                batch = jax.tree.map(lambda x: x[0], batch)
-                params, opt_state, losses = device_step(params, opt_state, batch)
-                losses = losses[None]
-            else:
-                params, opt_state, losses = jax.vmap(
-                    device_step,
-                    in_axes=(None, None, 0),
-                    out_axes=(None, None, 0),
-                    axis_name=DEVICE_AXIS,
-                )(params, opt_state, batch)
-            return params, _map_per_device(opt_state, lambda x: x[None], lambda x: x), losses
+        def split(x):
+            return x.reshape((num_devices, -1) + x.shape[1:])
 
-        if backend == "vmap":
-            return strip_call_grow(params, opt_state, batch)
-        specs = (P(), _per_device(opt_state, P(DEVICE_AXIS), P()), P(DEVICE_AXIS))
-        return jax.shard_map(
-            strip_call_grow, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
-        )(params, opt_state, batch)
+        def merge(x):
+            return x.reshape((-1,) + x.shape[2:])
+
+        in_axes = (None, _per_device(opt_state, 0, None), 0)
+        params, opt_state, losses = jax.pmap(
+            device_step,
+            axis_name=DEVICE_AXIS,
+            in_axes=in_axes,
+            out_axes=in_axes,
+            devices=list(mesh.devices.flat),
+        )(
+            params,
+            _map_per_device(opt_state, split, lambda x: x),
+            jax.tree.map(split, batch),
+        )
+        return params, _map_per_device(opt_state, merge, lambda x: x), merge(losses)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
-        def by_device(x):
+        for x in jax.tree.leaves(batch):
             if x.shape[:1] != (num_workers,):
                 raise ValueError(
                     f"batch leaves must have a leading axis of num_workers={num_workers}, "
                     f"got shape {x.shape}"
                 )
-            return x.reshape((num_devices, per_device) + x.shape[1:])
-
-        params, opt_state, losses = map_devices(
-            state.params, state.opt_state, jax.tree.map(by_device, batch)
-        )
-        return TrainState(params, opt_state), losses.reshape(num_workers)
+        params, opt_state, losses = map_devices(state.params, state.opt_state, batch)
+        return TrainState(params, opt_state), losses
 
     def init(params: optax.Params) -> TrainState:
         # Every worker's init is the same, so one call, broadcast per device, suffices.
         opt_state = _map_per_device(
-            tx.init(params), lambda x: jnp.broadcast_to(x, (num_devices,) + x.shape), jnp.asarray
+            tx.init(params), lambda x: jnp.concatenate([x] * num_devices), jnp.asarray
         )
         split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
         shardings = _map_per_device(opt_state, lambda _: split, lambda _: whole)
+        # A copy: the step donates its state, which must not delete the caller's arrays.
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
         return TrainState(
             jax.device_put(params, jax.tree.map(lambda _: whole, params)),
             jax.device_put(opt_state, shardings),
         )
 
-    return DataParallel(init, jax.jit(step), num_workers, mesh, backend)
+    return DataParallel(init, jax.jit(step, donate_argnums=0), num_workers, mesh, backend)
 
 
 __all__ = [

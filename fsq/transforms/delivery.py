@@ -2,22 +2,25 @@ r"""The in-flight buffer: messages wait in delivery slots until their step comes
 
 A message sent at step :math:`t` with delay :math:`d` is due at step :math:`t + d`. Sums
 commute, so the buffer stores, for each future step, the *sum* of the messages due then:
-a ring of :math:`L = d_{\max}` rows, row :math:`t \bmod L` holding what is due at
-:math:`t`. Messages with delay 0 never enter it, so synchronous training (:math:`L = 0`)
-has no buffer at all. One ring serves all the workers of a device (its memory is
-:math:`L \times P` whatever the number of workers), and holds only their partial sums;
-delivery adds the rows of all devices with one all-reduce.
+a ring of :math:`L = d_{\max}` rows, row :math:`s \bmod L` holding what is due at step
+:math:`s`, plus ``due``, what is due at the coming step. Messages with delay 0 never enter
+it, so synchronous training (:math:`L = 0`) has no buffer at all. One buffer serves all
+the workers of a device (its memory is :math:`(L + 1) \times P` whatever the number of
+workers) and holds only their partial sums; delivery adds the totals of all devices with
+one all-reduce. At step :math:`t`:
 
 .. math::
 
-  \text{delivered}_t = \sum_{\text{devices}} \Big(\text{slots}[t \bmod L]
-  + \sum_{i:\, d_i = 0} m_i\Big), \qquad
-  \text{slots}[t \bmod L] \leftarrow 0, \qquad
-  \text{slots}[(t + d_i) \bmod L] \mathrel{+}= m_i \ (d_i \ge 1)
+  \text{delivered}_t = \sum_{\text{devices}} \Big(\text{due} + \sum_{i:\, d_i = 0} m_i\Big),
+  \qquad \text{slots}[(t + d_i) \bmod L] \mathrel{+}= m_i \ (d_i \ge 1),
+  \qquad \text{due} \leftarrow \text{slots}[(t + 1) \bmod L]
 
-The due row is read and cleared *before* the new messages are added, so a message with
-the largest delay :math:`d = L` lands in the row just emptied, due :math:`L` steps later:
-every slot is emptied before it is reused, nothing is lost or delivered twice.
+The slot of step :math:`t` was moved to ``due`` one step earlier, so it is emptied before
+the new messages are added, and a message with the largest delay :math:`d = L` lands in
+it. Every slot is read once and emptied before it is reused: nothing is lost or delivered
+twice. Reading ``due`` *after* the writes, never a row that is about to be overwritten,
+lets XLA update the buffer in place (reading then overwriting a row makes it copy the
+whole buffer on CPU).
 """
 
 from __future__ import annotations
@@ -32,18 +35,26 @@ from jax import lax
 class InFlight(NamedTuple):
     """Messages in flight from the workers of one device, summed per due step.
 
+    Identical on all workers of a device; different across devices (each holds its own
+    workers' share). Every field has the device's block on axis 0, so devices' buffers
+    concatenate along it.
+
     Attributes:
-      slots: ``[max_delay, width]``; row ``t mod max_delay`` is the sum of the messages
-        due at step ``t``. Identical on all workers of a device; different across devices
-        (each holds its own workers' share).
+      slots: ``[max_delay, width]``; row ``s mod max_delay`` is the sum of the messages
+        due at step ``s``, for the steps after the coming one.
+      due: ``[width]``, the sum of the messages due at the coming step (``[0]`` when
+        ``max_delay`` is 0).
     """
 
     slots: jax.Array
+    due: jax.Array
 
 
 def init(max_delay: int, width: int, dtype: jnp.dtype) -> InFlight:
     """An empty buffer for delays up to ``max_delay`` and messages of length ``width``."""
-    return InFlight(jnp.zeros((max_delay, width), dtype))
+    return InFlight(
+        jnp.zeros((max_delay, width), dtype), jnp.zeros((width if max_delay else 0,), dtype)
+    )
 
 
 def exchange(
@@ -65,16 +76,21 @@ def exchange(
     for axis in reversed(local_axes):
         messages = lax.all_gather(messages, axis, tiled=True)
         delays = lax.all_gather(delays, axis, tiled=True)
-    due = jnp.sum(jnp.where((delays == 0)[:, None], messages, 0), axis=0)
-    slots = in_flight.slots
+    total = jnp.sum(jnp.where((delays == 0)[:, None], messages, 0), axis=0)
+    slots, due = in_flight
     num_slots = slots.shape[0]
     if num_slots:
-        slot = step % num_slots
-        due = due + slots[slot]
-        slots = slots.at[slot].set(0)
-        # Delay-0 messages are already in `due`: index them out of bounds and drop them.
-        target = jnp.where(delays > 0, (step + delays) % num_slots, num_slots)
-        slots = slots.at[target].add(messages, mode="drop")
+        total = total + due
+        slots = lax.dynamic_update_index_in_dim(slots, jnp.zeros_like(due), step % num_slots, 0)
+
+        def add(i, slots):  # in-place row updates: a scatter would copy the buffer on CPU
+            row = (step + delays[i]) % num_slots
+            late = jnp.where(delays[i] > 0, messages[i], jnp.zeros_like(messages[i]))
+            updated = lax.dynamic_index_in_dim(slots, row, keepdims=False) + late
+            return lax.dynamic_update_index_in_dim(slots, updated, row, 0)
+
+        slots = lax.fori_loop(0, messages.shape[0], add, slots)
+        due = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
     if device_axes:
-        due = lax.psum(due, device_axes)
-    return due, InFlight(slots)
+        total = lax.psum(total, device_axes)
+    return total, InFlight(slots, due)
