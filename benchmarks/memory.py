@@ -3,9 +3,11 @@
 For each feature combination: the bytes of optimizer state per device, split into the
 in-flight buffer and the rest, next to the documented formula
 
-    in_flight = max_delay * (C * P + 5) * 4 bytes,   C = 1 (3 with compensation)
+    in_flight = (max_delay + 1) * (C * P + 5) * 4 bytes (0 without delays),
+    C = 1 (3 with compensation)
 
-(P parameters, C gradient channels, 5 bookkeeping scalars per slot, float32); the peak
+(P parameters, C gradient channels, 5 bookkeeping scalars per row, float32: max_delay
+slots and the row due next); the peak
 memory of the compiled step (``memory_analysis``); and the count and bytes of the
 collectives in the compiled HLO of one step.
 
@@ -46,21 +48,14 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     import jax.numpy as jnp
-    import optax
 
     import fsq
-    from benchmarks import timing
+    from benchmarks import mlp, timing
 
     sizes = (784, args.width, args.width, 10)
-    params = [(jnp.zeros((a, b)), jnp.zeros(b)) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-    num_params = sum(w.size + b.size for w, b in params)
-
-    def loss_fn(params, batch):
-        x, y = batch
-        for w, b in params[:-1]:
-            x = jax.nn.relu(x @ w + b)
-        logits = x @ params[-1][0] + params[-1][1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    params = mlp.init(sizes)
+    num_params = mlp.num_params(params)
+    loss_fn = mlp.loss
 
     batch = (jnp.zeros((args.workers, 16, sizes[0])), jnp.zeros((args.workers, 16), jnp.int32))
     combos = {
@@ -96,9 +91,9 @@ def main() -> None:
         dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=args.workers)
         state = dp.init(params)
         devices = dp.mesh.devices.size
-        in_flight = state.opt_state.in_flight.slots.nbytes // devices  # per device
+        in_flight = sum(x.nbytes for x in state.opt_state.in_flight) // devices  # per device
         total = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) - in_flight * (devices - 1)
-        formula = max_delay * (channels * num_params + 5) * 4
+        formula = (max_delay + 1 if max_delay else 0) * (channels * num_params + 5) * 4
         compiled = dp.step.lower(state, batch).compile()
         memory = compiled.memory_analysis()
         comms = collective_bytes(compiled.as_text())

@@ -24,30 +24,20 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    import jax.numpy as jnp
     import optax
     from jax import lax
     from jax.sharding import PartitionSpec as P
 
     import fsq
-    from benchmarks import timing
+    from benchmarks import mlp, timing
 
     mesh = fsq.parallel.make_mesh()
     workers = mesh.devices.size
     sizes = (784, args.width, args.width, 10)
-    keys = jax.random.split(jax.random.key(0), len(sizes))
-    params = [
-        (jax.random.normal(k, (a, b)) / a**0.5, jnp.zeros(b))
-        for k, a, b in zip(keys[1:], sizes[:-1], sizes[1:], strict=True)
-    ]
-    num_params = sum(w.size + b.size for w, b in params)
-
-    def loss_fn(params, batch):
-        x, y = batch
-        for w, b in params[:-1]:
-            x = jax.nn.relu(x @ w + b)
-        logits = x @ params[-1][0] + params[-1][1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    params = mlp.init(sizes)
+    num_params = mlp.num_params(params)
+    loss_fn = mlp.loss
+    keys = jax.random.split(jax.random.key(1), 2)
 
     batch = (
         jax.random.normal(keys[0], (workers, args.batch, sizes[0])),

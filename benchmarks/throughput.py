@@ -26,26 +26,16 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    import jax.numpy as jnp
     import numpy as np
     import optax
 
     import fsq
-    from benchmarks import timing
+    from benchmarks import mlp, timing
 
     sizes, batch, max_delay = (40, 100, 100, 10), 32, 16
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = [
-        (jax.random.normal(k, (a, b)) / a**0.5, jnp.zeros(b))
-        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-    def loss_fn(params, batch):
-        x, y = batch
-        for w, b in params[:-1]:
-            x = jax.nn.relu(x @ w + b)
-        logits = x @ params[-1][0] + params[-1][1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    params = mlp.init(sizes)
+    loss_fn = mlp.loss
+    keys = jax.random.split(jax.random.key(1), 2)
 
     inner = fsq.sgd(0.05)
     grad = jax.jit(jax.grad(loss_fn))
@@ -64,11 +54,13 @@ def main() -> None:
 
         def baseline(steps, workers=workers, data=data):
             rng = np.random.default_rng(0)
-            pending, state = [], [params, inner.init(params)]
+            pending, state, sent = [], [params, inner.init(params)], 0
             for t in range(steps):
                 for i in range(workers):
                     g = grad(state[0], (data[0][i], data[1][i]))
-                    heapq.heappush(pending, (t + int(rng.integers(0, max_delay + 1)), i, g))
+                    arrival = t + int(rng.integers(0, max_delay + 1))
+                    heapq.heappush(pending, (arrival, sent, g))  # `sent` breaks ties
+                    sent += 1
                 due = []
                 while pending and pending[0][0] == t:
                     due.append(heapq.heappop(pending)[2])
@@ -85,33 +77,40 @@ def main() -> None:
             staleness=None,
             compensation=None,
         )
-        dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers)
-        holder = [dp.init(params)]
+        simulators = {}
+        for backend in ("shard_map", "vmap"):
+            dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers, backend=backend)
+            holder = [dp.init(params)]
+            # The whole simulation is one program: a scan over steps of the SPMD step.
+            scan = jax.jit(
+                lambda state, data, dp=dp: jax.lax.scan(
+                    lambda s, _: dp.step(s, data), state, None, length=args.steps
+                ),
+                donate_argnums=0,
+            )
 
-        def simulator(steps, dp=dp, holder=holder, data=data):
-            for _ in range(steps):
-                holder[0], losses = dp.step(holder[0], data)
-            return losses
+            def simulator(scan=scan, holder=holder, data=data):
+                holder[0], losses = scan(holder[0], data)
+                return losses
+
+            simulators[f"fsq {backend}"] = simulator
 
         medians = timing.median_seconds(
-            {
-                "baseline": lambda b=baseline: b(args.baseline_steps),
-                "fsq": lambda s=simulator: s(args.steps),
-            },
+            {"baseline": lambda b=baseline: b(args.baseline_steps), **simulators},
             repeats=5,
             warmup=1,
         )
         base_rate = workers * args.baseline_steps / medians["baseline"]
-        fsq_rate = workers * args.steps / medians["fsq"]
-        rows.append(
-            {
-                "workers": workers,
-                "baseline_grads_per_s": base_rate,
-                "fsq_grads_per_s": fsq_rate,
-                "speedup": fsq_rate / base_rate,
-            }
-        )
-    print(f"MLP {sizes}, batch {batch} per worker, uniform delays 0..{max_delay}")
+        row = {"workers": workers, "baseline_grads_per_s": base_rate}
+        for name in simulators:
+            rate = workers * args.steps / medians[name]
+            row[f"{name}_grads_per_s"] = rate
+            row[f"{name}_speedup"] = rate / base_rate
+        rows.append(row)
+    print(
+        f"MLP {sizes}, batch {batch} per worker, uniform delays 0..{max_delay}; "
+        f"shard_map over {jax.device_count()} devices, vmap on one"
+    )
     timing.print_table(rows)
     print(f"results: {timing.save('throughput', {'rows': rows})}")
 

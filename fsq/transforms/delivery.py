@@ -83,13 +83,13 @@ def exchange(
         total = total + due
         slots = lax.dynamic_update_index_in_dim(slots, jnp.zeros_like(due), step % num_slots, 0)
 
-        def add(i, slots):  # in-place row updates: a scatter would copy the buffer on CPU
+        # One in-place row update per local worker, unrolled: a scatter, or a loop carrying
+        # the buffer, makes XLA copy the whole buffer on CPU.
+        for i in range(messages.shape[0]):
             row = (step + delays[i]) % num_slots
             late = jnp.where(delays[i] > 0, messages[i], jnp.zeros_like(messages[i]))
             updated = lax.dynamic_index_in_dim(slots, row, keepdims=False) + late
-            return lax.dynamic_update_index_in_dim(slots, updated, row, 0)
-
-        slots = lax.fori_loop(0, messages.shape[0], add, slots)
+            slots = lax.dynamic_update_index_in_dim(slots, updated, row, 0)
         due = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
     if device_axes:
         total = lax.psum(total, device_axes)
