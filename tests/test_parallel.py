@@ -153,6 +153,7 @@ def test_composes_in_optax_chain():
         state, _ = dp.step(state, make_data(8))
     assert int(state.opt_state[1].step) == 3
     assert int(state.opt_state[1].delivered) == 8
+    assert int(optax.tree.get(state.opt_state, "delivered")) == 8  # as the README says
     assert not np.allclose(state.params["w2"], before)
 
 
