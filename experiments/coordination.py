@@ -43,9 +43,13 @@ METHODS = {
     "delay-adaptive": {**OFF, "staleness": "delay_adaptive"},
     # Candidates for the default, kept in the table as the evidence for the choice.
     "delay-adaptive, tau_C 4": {**OFF, "staleness": fsq.staleness.delay_adaptive(4.0)},
-    "weighted step, tau_C 2": {**OFF, "staleness": fsq.staleness.weighted_step(2.0)},
-    "weighted step, tau_C 4": {**OFF, "staleness": "weighted_step"},
-    "flying squirrel default (weighted step + DC-a)": {},
+    "weighted step, tau_C 3": {**OFF, "staleness": "weighted_step"},
+    "weighted step, tau_C 4": {**OFF, "staleness": fsq.staleness.weighted_step(4.0)},
+    "weighted step tau_C 4 + DC-a lam0 2": {
+        "staleness": fsq.staleness.weighted_step(4.0),
+        "compensation": fsq.compensation.adaptive(2.0),
+    },
+    "flying squirrel default (weighted step tau_C 3 + DC-a lam0 1)": {},
 }
 DIVERGED_ACCURACY = 0.15  # chance is 0.10
 

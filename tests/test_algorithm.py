@@ -171,9 +171,9 @@ def test_weighted_step_matches_its_formula_with_a_momentum_inner(threshold):
 
 def test_defaults_are_weighted_step_and_adaptive_compensation():
     def formula(d):
-        return min(1.0, 4.0 / max(1, d))
+        return min(1.0, 3.0 / max(1, d))
 
-    want = reference(lam=2.0, adaptive=(0.95, 1e-7), rule=formula, scope="step", momentum=0.8)
+    want = reference(lam=1.0, adaptive=(0.95, 1e-7), rule=formula, scope="step", momentum=0.8)
     tx = fsq.flying_squirrel(fsq.momentum(LR, 0.8), num_workers=W, delay=delays.trace(TABLE))
     data = (jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32))
     step = jax.jit(

@@ -36,7 +36,7 @@ Rules (all equal 1 at :math:`\tau = 0`, so synchronous training is unchanged):
   Delays* (NeurIPS 2022), whose rates then depend on the *average* rather than the
   maximum delay. The threshold defaults to the delay model's mean delay (at least 1).
 - ``"weighted_step"`` — :math:`\alpha(\tau) = \min(1, \tau_C / \tau)` with
-  :math:`\tau_C = 4`, step scope: Flying Squirrel's rule, chosen by measurement
+  :math:`\tau_C = 3`, step scope: Flying Squirrel's rule, chosen by measurement
   (``experiments/coordination.py``): it keeps the stability margin of the synchronously
   tuned learning rate for any inner optimizer.
 - a :class:`StalenessRule`, or any callable ``tau -> alpha`` (gradient scope).
@@ -98,7 +98,7 @@ def delay_adaptive(threshold: float, scope: str = "gradient") -> StalenessRule:
     )
 
 
-def weighted_step(threshold: float = 4.0) -> StalenessRule:
+def weighted_step(threshold: float = 3.0) -> StalenessRule:
     r"""Flying Squirrel's rule: :math:`\min(1, \tau_C / \tau)` weights, step scope.
 
     Args:
