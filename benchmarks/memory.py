@@ -3,7 +3,7 @@
 For each feature combination: the bytes of optimizer state per device, split into the
 in-flight buffer and the rest, next to the documented formula
 
-    in_flight = (max_delay + 1) * (C * P + 5) * 4 bytes (0 without delays),
+    in_flight = (max_delay + 1) * (C * P + 6) * 4 bytes (0 without delays),
     C = 1 (3 with compensation)
 
 (P parameters, C gradient channels, 5 bookkeeping scalars per row, float32: max_delay
@@ -93,7 +93,7 @@ def main() -> None:
         devices = dp.mesh.devices.size
         in_flight = sum(x.nbytes for x in state.opt_state.in_flight) // devices  # per device
         total = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) - in_flight * (devices - 1)
-        formula = (max_delay + 1 if max_delay else 0) * (channels * num_params + 5) * 4
+        formula = (max_delay + 1 if max_delay else 0) * (channels * num_params + 6) * 4
         compiled = dp.step.lower(state, batch).compile()
         memory = compiled.memory_analysis()
         comms = collective_bytes(compiled.as_text())

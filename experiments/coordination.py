@@ -52,6 +52,12 @@ METHODS = {
     "flying squirrel default (weighted step tau_C 3 + DC-a lam0 1)": {},
 }
 DIVERGED_ACCURACY = 0.15  # chance is 0.10
+DEFAULT = "flying squirrel default (weighted step tau_C 3 + DC-a lam0 1)"
+# The columns where the best single technique is within seed noise of the default get a
+# paired comparison over more seeds: same seeds, same data and delays, difference per seed.
+PAIRED_DELAYS = ("uniform(4)", "stragglers(64)")
+PAIRED_METHODS = ("plain async", "DC-c (lam 0.04)", "DC-a (lam0 2)", "inverse", "delay-adaptive")
+PAIRED_SEEDS = tuple(range(10, 20))
 
 
 SLOWDOWNS = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0, 8.0)  # a heterogeneous cluster
@@ -128,6 +134,46 @@ def load_balance_study(records: dict, steps: int, seeds: tuple[int, ...]) -> Non
             )
 
 
+def paired_study(records: dict, steps: int, seeds: tuple[int, ...]) -> None:
+    """Default vs each single technique in the mild columns, over ``seeds`` (paired)."""
+    records["paired"] = {"seeds": list(seeds), "runs": []}
+    for inner_name, (make_inner, _) in INNERS.items():
+        lr = records["tuning"][inner_name]["best"]
+        grid = [(m, d) for d in PAIRED_DELAYS for m in (DEFAULT, *PAIRED_METHODS)]
+        for method, delay in tqdm(grid, desc=f"paired {inner_name}", leave=False):
+            outcome = run(make_inner(lr), DELAYS[delay], steps, seeds, **METHODS[method])
+            records["paired"]["runs"].append(
+                {"inner": inner_name, "method": method, "delay": delay, **outcome}
+            )
+
+
+def paired_table(records: dict) -> str:
+    """Per column: mean accuracy and the default's paired advantage (mean +- standard error)."""
+    paired = records["paired"]
+    lines = [
+        f"\n**Paired comparison in the mild columns**, {len(paired['seeds'])} further seeds "
+        "(default minus technique, per seed; mean +- standard error, in accuracy points):\n",
+        "| inner | column | default | technique | technique acc. | default - technique |",
+        "|---|---|---|---|---|---|",
+    ]
+    for inner in INNERS:
+        for delay in PAIRED_DELAYS:
+            runs = {
+                r["method"]: np.asarray(r["test_accuracy"])
+                for r in paired["runs"]
+                if r["inner"] == inner and r["delay"] == delay
+            }
+            default = runs[DEFAULT]
+            for method in PAIRED_METHODS:
+                diff = 100 * (default - runs[method])
+                se = diff.std(ddof=1) / np.sqrt(len(diff))
+                lines.append(
+                    f"| {inner} | {delay} | {100 * default.mean():.1f} | {method} | "
+                    f"{100 * runs[method].mean():.1f} | {diff.mean():+.2f} +- {se:.2f} |"
+                )
+    return "\n".join(lines)
+
+
 def table(records: dict) -> str:
     lines = []
     for inner in INNERS:
@@ -167,6 +213,8 @@ def table(records: dict) -> str:
                 f"| {r['inner']} | {r['load_balance']} | {np.mean(r['mean_staleness']):.2f} | "
                 f"{100 * acc.mean():.1f} +- {100 * acc.std():.1f} |"
             )
+    if "paired" in records:
+        lines.append(paired_table(records))
     return "\n".join(lines)
 
 
@@ -207,6 +255,7 @@ def main(out: pathlib.Path, quick: bool) -> None:
     steps, seeds = (300, (0,)) if quick else (2000, SEEDS)
     records = study(steps, seeds)
     load_balance_study(records, steps, seeds)
+    paired_study(records, steps, (100, 101) if quick else PAIRED_SEEDS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "coordination.json").write_text(json.dumps(records, indent=1))
     report = table(records)

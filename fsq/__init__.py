@@ -1,6 +1,6 @@
 """fsq — Flying Squirrel: fast, delay-tolerant, reproducible distributed gradient descent."""
 
-from fsq import delays, parallel
+from fsq import checkpoint, delays, parallel
 from fsq.optimizers import (
     adagrad,
     adam,
@@ -12,7 +12,7 @@ from fsq.optimizers import (
     sgd,
 )
 from fsq.squirrel import FlyingSquirrelState, flying_squirrel
-from fsq.transforms import compensation, staleness
+from fsq.transforms import aggregation, compensation, faults, staleness
 from fsq.transforms.accumulation import AccumulationState, accumulate
 from fsq.transforms.delivery import InFlight
 
@@ -25,9 +25,12 @@ __all__ = [
     "accumulate",
     "adagrad",
     "adam",
+    "aggregation",
     "bgd",
+    "checkpoint",
     "compensation",
     "delays",
+    "faults",
     "flying_squirrel",
     "get_optimizer",
     "momentum",

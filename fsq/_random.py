@@ -17,6 +17,7 @@ class Stream(enum.IntEnum):
     """Independent random streams of one run."""
 
     DELAY = 0
+    FAULT = 1
 
 
 def event_key(seed: int, stream: Stream, step: jax.Array, worker: jax.Array) -> jax.Array:

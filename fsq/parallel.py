@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -76,6 +77,13 @@ class DataParallel(NamedTuple):
       num_workers: ``W``.
       mesh: the device mesh (one device for the ``vmap`` backend).
       backend: ``"vmap"``, ``"shard_map"`` or ``"pmap"``.
+      local_workers: the ids of the workers whose devices belong to this process (all of
+        them in a single-process job).
+      put_batch: ``local_batch -> batch``: builds the global batch of a multi-process job
+        (``shard_map`` backend) from this process's share, whose leaves have a leading
+        axis of ``len(local_workers)``, in the order of ``local_workers``. Each process
+        loads only its own workers' data. Single-process jobs can pass numpy batches to
+        ``step`` directly.
     """
 
     init: Callable[[optax.Params], TrainState]
@@ -83,6 +91,8 @@ class DataParallel(NamedTuple):
     num_workers: int
     mesh: jax.sharding.Mesh
     backend: str
+    local_workers: tuple[int, ...]
+    put_batch: Callable[[Any], Any]
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -159,6 +169,7 @@ def data_parallel(
             f"num_workers={num_workers} must be a multiple of the number of devices "
             f"({num_devices}); fsq never pads workers silently"
         )
+    workers_per_device = num_workers // num_devices
 
     def local_gradients(params, batch):
         """Each local worker's loss and gradient; batch leaves are ``[W / D, ...]``."""
@@ -219,21 +230,88 @@ def data_parallel(
         params, opt_state, losses = map_devices(state.params, state.opt_state, batch)
         return TrainState(params, opt_state), losses
 
-    def init(params: optax.Params) -> TrainState:
-        # Every worker's init is the same, so one call, broadcast per device, suffices.
-        opt_state = _map_per_device(
-            tx.init(params), lambda x: jnp.concatenate([x] * num_devices), jnp.asarray
-        )
-        split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
-        shardings = _map_per_device(opt_state, lambda _: split, lambda _: whole)
-        # A copy: the step donates its state, which must not delete the caller's arrays.
-        params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-        return TrainState(
-            jax.device_put(params, jax.tree.map(lambda _: whole, params)),
-            jax.device_put(opt_state, shardings),
-        )
+    def device_init(params):
+        """The state of one device's workers, each leaf with a leading device axis of 1."""
+        opt_state = jax.vmap(
+            tx.init,
+            in_axes=None,
+            out_axes=None,
+            axis_size=workers_per_device,
+            axis_name=WORKER_AXIS,
+        )(params)
+        return jax.tree.map(lambda x: x[None], opt_state)
 
-    return DataParallel(init, jax.jit(step, donate_argnums=0), num_workers, mesh, backend)
+    def init_blocks(params):
+        """Runs ``tx.init`` in the mapped context of the step, stacking the devices' states."""
+        if backend == "vmap":
+            stacked = jax.vmap(device_init, in_axes=None, axis_size=1, axis_name=DEVICE_AXIS)(
+                params
+            )
+            return jax.tree.map(lambda x: x[0], stacked)
+        if backend == "shard_map":
+            return jax.shard_map(
+                device_init, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), check_vma=False
+            )(params)
+        stacked = jax.pmap(  # pmap needs a mapped argument: the device ids
+            lambda _, params: device_init(params),
+            axis_name=DEVICE_AXIS,
+            in_axes=(0, None),
+            devices=list(mesh.devices.flat),
+        )(jnp.arange(num_devices), params)
+        return jax.tree.map(lambda x: x[:, 0], stacked)
+
+    def init_state(params):
+        # Per-device parts keep every device's block (concatenated on axis 0); the rest is
+        # identical on all devices, so device 0's copy is kept.
+        opt_state = _map_per_device(
+            init_blocks(params), lambda x: x.reshape((-1,) + x.shape[2:]), lambda x: x[0]
+        )
+        # A copy: the step donates its state, which must not delete the caller's arrays.
+        return TrainState(jax.tree.map(jnp.copy, params), opt_state)
+
+    def init(params: optax.Params) -> TrainState:
+        shapes = jax.eval_shape(init_state, params)
+        split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
+        shardings = TrainState(
+            jax.tree.map(lambda _: whole, shapes.params),
+            _map_per_device(shapes.opt_state, lambda _: split, lambda _: whole),
+        )
+        return jax.jit(init_state, out_shardings=shardings)(params)
+
+    local_workers = tuple(
+        device * workers_per_device + i
+        for device, d in enumerate(mesh.devices.flat)
+        if d.process_index == jax.process_index()
+        for i in range(workers_per_device)
+    )
+    row_of = {worker: row for row, worker in enumerate(local_workers)}
+    batch_sharding = NamedSharding(mesh, P(DEVICE_AXIS))
+
+    def put_batch(local_batch: Any) -> Any:
+        def put(x):
+            x = np.asarray(x)
+            if x.shape[:1] != (len(local_workers),):
+                raise ValueError(
+                    f"local batch leaves must have a leading axis of {len(local_workers)} "
+                    f"(this process's workers), got shape {x.shape}"
+                )
+            return jax.make_array_from_callback(
+                (num_workers, *x.shape[1:]),
+                batch_sharding,
+                lambda index: x[[row_of[w] for w in range(num_workers)[index[0]]]],
+            )
+
+        return jax.tree.map(put, local_batch)
+
+    return DataParallel(
+        init,
+        jax.jit(step, donate_argnums=0),
+        num_workers,
+        mesh,
+        backend,
+        local_workers,
+        put_batch,
+    )
 
 
 __all__ = [

@@ -19,15 +19,20 @@ one row by :mod:`fsq.transforms.wire`) into the in-flight buffer of its device
 (:mod:`fsq.transforms.delivery`), and all workers *deliver* the row that is due, with one
 all-reduce for the whole model. The algorithmic pieces act at one end or the other:
 
-- at send time, per worker: the bounded-staleness policy, the staleness-aware scale
-  (:mod:`fsq.transforms.staleness`), the load-balancing weight, and the extra channels
-  of delay compensation (:mod:`fsq.transforms.compensation`);
-- at delivery, identical on every worker: the delay-compensated combination of the
-  channels with the current parameters, and the inner step.
+- at send time, per worker: faults (:mod:`fsq.transforms.faults`: is the worker live,
+  what does it send), the rejection of non-finite gradients, the bounded-staleness
+  policy, the staleness-aware scale (:mod:`fsq.transforms.staleness`), the
+  load-balancing weight, and the extra channels of delay compensation
+  (:mod:`fsq.transforms.compensation`);
+- at delivery, identical on every worker: the robust aggregation of the workers'
+  messages, if any (:mod:`fsq.transforms.aggregation`), the delay-compensated
+  combination of the channels with the current parameters, and the inner step.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -35,8 +40,10 @@ import jax.numpy as jnp
 import optax
 
 from fsq import _axes, _checks, _random, delays
+from fsq.transforms import aggregation as _aggregation
 from fsq.transforms import compensation as dc
 from fsq.transforms import delivery, wire
+from fsq.transforms import faults as _faults
 from fsq.transforms import staleness as _staleness
 
 ON_STALE = ("drop", "wait")
@@ -52,6 +59,7 @@ class Scalars(NamedTuple):
       bounded: 1 if the staleness bound dropped or held back this gradient.
       weight: the factor the gradient was scaled by (0 if dropped).
       rejected: 1 if the gradient had a NaN or an infinity (it is sent as zeros).
+      lost: 1 if the worker was down (a fault) when it should have sent it.
     """
 
     count: jax.Array
@@ -59,6 +67,7 @@ class Scalars(NamedTuple):
     bounded: jax.Array
     weight: jax.Array
     rejected: jax.Array
+    lost: jax.Array
 
 
 class FlyingSquirrelState(NamedTuple):
@@ -76,6 +85,8 @@ class FlyingSquirrelState(NamedTuple):
       rejected: how many gradients due at the last step were rejected at send time for
         holding a NaN or an infinity (int32); they never reach the parameters or the
         inner optimizer state.
+      lost: how many gradients due at the last step were never sent, their worker being
+        down (:mod:`fsq.faults`) (int32).
     """
 
     step: jax.Array
@@ -86,6 +97,7 @@ class FlyingSquirrelState(NamedTuple):
     staleness: jax.Array
     bounded: jax.Array
     rejected: jax.Array
+    lost: jax.Array
 
 
 def _accumulation_dtype(params: optax.Params) -> jnp.dtype:
@@ -112,6 +124,8 @@ def flying_squirrel(
     max_staleness: int | None = None,
     on_stale: str = "drop",
     load_balance: bool = False,
+    faults: _faults.FaultModel | Sequence[_faults.FaultModel] | None = None,
+    aggregation: str | _aggregation.Aggregation | None = "mean",
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous data-parallel training with delayed gradients, used per worker.
@@ -172,6 +186,17 @@ def flying_squirrel(
         so that every worker's delay becomes the harmonic-mean one
         (:meth:`fsq.delays.Speeds.balanced`), and weight its gradient by
         :math:`\omega_i = W s_i`.
+      faults: a :mod:`fsq.faults` model or a sequence of them (``None``: no faults). A
+        worker that is down sends nothing and the step's live gradients are weighted by
+        :math:`W / n_s`, :math:`n_s` the number of live workers at the sending step;
+        messages sent before a crash are still delivered; Byzantine workers send
+        corrupted gradients.
+      aggregation: how the delivered gradients are combined: ``"mean"`` (the default:
+        partial sums and one all-reduce), or a robust rule of :mod:`fsq.aggregation`
+        (``"median"``, ``"trimmed_mean"`` or a rule object), which keeps each local
+        worker's messages apart in the in-flight buffer (``W/D`` times its memory) and
+        all-gathers the workers' messages at delivery. With a robust rule ``init`` must
+        run inside the mapped context, as ``update`` does (:mod:`fsq.parallel` does so).
       seed: the seed of every random choice (delays); runs are a pure function of it.
         A traced int scalar is accepted too, to ``jit`` or ``vmap`` over seeds.
 
@@ -221,6 +246,10 @@ def flying_squirrel(
     if on_stale not in ON_STALE:
         raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}")
     rule = _staleness.resolve(staleness, model)
+    fault_model = _faults.as_fault_model(faults)
+    if fault_model is not None:
+        fault_model.check(num_workers)
+    robust = _aggregation.resolve(aggregation)
     config = dc.resolve(compensation)
     if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
         config = None
@@ -234,8 +263,16 @@ def flying_squirrel(
     num_scalars = len(Scalars._fields)
     inner = optax.with_extra_args_support(inner)
 
+    def buffer_width(like: optax.Params) -> int:
+        """Entries of an in-flight row: one message, or one per local worker if kept apart."""
+        message = wire.width(like, num_trees, num_scalars)
+        if not robust.per_worker:
+            return message
+        local = _axes.resolve(names, num_workers).local
+        return message * math.prod(jax.lax.axis_size(n) for n in local)
+
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
-        width = wire.width(params, num_trees, num_scalars)
+        width = buffer_width(params)
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
             in_flight=delivery.init(model.max_delay, width, _accumulation_dtype(params)),
@@ -245,14 +282,31 @@ def flying_squirrel(
             staleness=jnp.zeros([], jnp.float32),
             bounded=jnp.zeros([], jnp.int32),
             rejected=jnp.zeros([], jnp.int32),
+            lost=jnp.zeros([], jnp.int32),
         )
 
-    def send(updates, params, delay, worker):
+    def live_share(step, worker):
+        """Whether ``worker`` is live at ``step``, and the weight ``W / n_live`` of a live one."""
+        if fault_model is None:
+            return jnp.bool_(True), jnp.float32(1)
+
+        def live(i):
+            return fault_model.live(_random.event_key(seed, _random.Stream.FAULT, step, i), step, i)
+
+        n_live = jnp.sum(jax.vmap(live)(jnp.arange(num_workers)).astype(jnp.float32))
+        return live(worker), num_workers / jnp.maximum(n_live, 1.0)
+
+    def send(updates, params, delay, step, worker):
         """One worker's message: its channels, scalars and (possibly clipped) delay."""
+        alive, share = live_share(step, worker)
+        if fault_model is not None:
+            key = _random.event_key(seed, _random.Stream.FAULT, step, worker)
+            updates = fault_model.send(key, step, worker, updates)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
         # A select, not a multiply: 0 * NaN is NaN.
         updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), updates)
-        count, bounded = finite.astype(jnp.float32), jnp.float32(0)
+        count = (finite & alive).astype(jnp.float32)
+        bounded = jnp.float32(0)
         if max_staleness is not None:
             late = delay > max_staleness
             bounded = late.astype(jnp.float32)
@@ -260,13 +314,15 @@ def flying_squirrel(
                 delay = jnp.minimum(delay, max_staleness)
             else:
                 count = count * (1.0 - bounded)
-        scale = count
+        scale = count * share
         if rule is not None:
             scale = scale * rule.scale(delay)
         if weights is not None:
             scale = scale * weights[worker]
         trees = [updates] if config is None else dc.channels(updates, params)
-        scalars = Scalars(count, count * delay, bounded, scale, 1.0 - finite)
+        lost = 1.0 - alive.astype(jnp.float32)
+        rejected = (1.0 - finite) * (1.0 - lost)
+        scalars = Scalars(count, count * delay, bounded, scale, rejected, lost)
         return trees, scalars, delay
 
     def update_fn(
@@ -279,22 +335,30 @@ def flying_squirrel(
         if config is not None and params is None:
             raise ValueError("compensation needs the current params: call update(g, s, params)")
         slots = state.in_flight.slots
-        if wire.width(updates, num_trees, num_scalars) != slots.shape[-1]:
+        if buffer_width(updates) != slots.shape[-1]:
             raise ValueError(
-                "updates must have the shapes of the params given to init: they need "
-                f"{wire.width(updates, num_trees, num_scalars)} entries per message, "
-                f"the in-flight buffer holds {slots.shape[-1]}"
+                "updates must have the shapes of the params given to init, in the same "
+                f"mapped context: they need {buffer_width(updates)} entries per in-flight "
+                f"row, the buffer holds {slots.shape[-1]}"
             )
         axes = _axes.resolve(names, num_workers)
         worker = _axes.worker_index(axes.names)
         step = state.step
         delay = model(_random.event_key(seed, _random.Stream.DELAY, step, worker), step, worker)
 
-        trees, scalars, delay = send(updates, params, delay, worker)
+        trees, scalars, delay = send(updates, params, delay, step, worker)
         message = wire.pack(trees, scalars, slots.dtype, scalars.weight)
         total, in_flight = delivery.exchange(
-            state.in_flight, message, delay, step, axes.local, axes.device
+            state.in_flight, message, delay, step, axes.local, axes.device, robust.per_worker
         )
+        if robust.per_worker:  # total holds each worker's sums: [W, width]
+            weights = total[:, -num_scalars + Scalars._fields.index("weight")]
+            total = jnp.concatenate(
+                [
+                    _aggregation.aggregate(robust, total[:, :-num_scalars], weights),
+                    jnp.sum(total[:, -num_scalars:], axis=0),
+                ]
+            )
         sums, arrived = wire.unpack(total, updates, num_trees)
         arrived = Scalars(*arrived)
         delivered = jnp.round(arrived.count).astype(jnp.int32)
@@ -328,6 +392,7 @@ def flying_squirrel(
             staleness=(arrived.delay_sum / jnp.maximum(arrived.count, 1.0)).astype(jnp.float32),
             bounded=jnp.round(arrived.bounded).astype(jnp.int32),
             rejected=jnp.round(arrived.rejected).astype(jnp.int32),
+            lost=jnp.round(arrived.lost).astype(jnp.int32),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -21,6 +21,11 @@ it. Every slot is read once and emptied before it is reused: nothing is lost or 
 twice. Reading ``due`` *after* the writes, never a row that is about to be overwritten,
 lets XLA update the buffer in place (reading then overwriting a row makes it copy the
 whole buffer on CPU).
+
+A robust aggregation (:mod:`fsq.aggregation`) needs each worker's messages apart: then a
+row holds the device's :math:`W/D` local workers side by side (each worker's segment the
+sum of *its* messages due that step), and delivery all-gathers the devices' rows instead
+of adding them, returning the :math:`W` workers' sums.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class InFlight(NamedTuple):
 
     Attributes:
       slots: ``[max_delay, width]``; row ``s mod max_delay`` is the sum of the messages
-        due at step ``s``, for the steps after the coming one.
+        due at step ``s``, for the steps after the coming one (per local worker, side by
+        side, when messages are kept apart: ``width`` is then ``W/D`` message widths).
       due: ``[width]``, the sum of the messages due at the coming step (``[0]`` when
         ``max_delay`` is 0).
     """
@@ -64,19 +70,24 @@ def exchange(
     step: jax.Array,
     local_axes: tuple[str, ...],
     device_axes: tuple[str, ...],
+    per_worker: bool = False,
 ) -> tuple[jax.Array, InFlight]:
     """Sends this worker's ``message`` with ``delay``; returns the sum of all messages due
     at ``step`` (over every worker) and the buffer without them.
 
     The messages of the workers sharing this device (``local_axes``, vmap axes) are
     gathered first, which costs nothing under vmap. The only collective is one
-    all-reduce of one row over the device-spanning axes.
+    all-reduce of one row over the device-spanning axes. With ``per_worker``, each
+    worker's messages are kept apart and the result is ``[W, width]``: every worker's sum
+    of messages due at ``step``, gathered (the one collective) in global worker order.
     """
     messages, delays = message[None], jnp.asarray(delay, jnp.int32)[None]
     for axis in reversed(local_axes):
         messages = lax.all_gather(messages, axis, tiled=True)
         delays = lax.all_gather(delays, axis, tiled=True)
-    total = jnp.sum(jnp.where((delays == 0)[:, None], messages, 0), axis=0)
+    num_local, width = messages.shape
+    now = jnp.where((delays == 0)[:, None], messages, 0)
+    total = jnp.ravel(now) if per_worker else jnp.sum(now, axis=0)
     slots, due = in_flight
     num_slots = slots.shape[0]
     if num_slots:
@@ -85,12 +96,16 @@ def exchange(
 
         # One in-place row update per local worker, unrolled: a scatter, or a loop carrying
         # the buffer, makes XLA copy the whole buffer on CPU.
-        for i in range(messages.shape[0]):
-            row = (step + delays[i]) % num_slots
+        for i in range(num_local):
+            at = ((step + delays[i]) % num_slots, i * width if per_worker else 0)
             late = jnp.where(delays[i] > 0, messages[i], jnp.zeros_like(messages[i]))
-            updated = lax.dynamic_index_in_dim(slots, row, keepdims=False) + late
-            slots = lax.dynamic_update_index_in_dim(slots, updated, row, 0)
+            updated = lax.dynamic_slice(slots, at, (1, width)) + late
+            slots = lax.dynamic_update_slice(slots, updated, at)
         due = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
+    if per_worker:
+        if device_axes:
+            total = lax.all_gather(total, device_axes, tiled=True)
+        return total.reshape(-1, width), InFlight(slots, due)
     if device_axes:
         total = lax.psum(total, device_axes)
     return total, InFlight(slots, due)

@@ -1,0 +1,154 @@
+"""Save and restore the full training state, gradients in flight included.
+
+Everything a run needs to continue lives in its state pytree: the parameters, the inner
+optimizer state, the in-flight buffer (the gradients sent but not yet delivered), delay
+compensation's statistics and the logical step, from which every random choice (delays,
+faults) is drawn again. Saving that pytree with orbax-checkpoint and restoring it into a
+state of the same layout therefore continues the run exactly, bit for bit, in a fresh
+process. Sharded arrays (the per-device in-flight blocks of :mod:`fsq.parallel`) are
+saved and restored with their shardings, from every process of a multi-host job.
+
+Each save is one numbered step directory, written atomically (orbax writes to a
+temporary directory and renames it when complete), and the newest ``max_to_keep`` are
+kept: a crash while saving, or a damaged latest checkpoint, leaves the previous ones
+readable.
+
+Example:
+  >>> import tempfile, jax.numpy as jnp, fsq
+  >>> directory = tempfile.mkdtemp()
+  >>> state = {"w": jnp.arange(3.0), "step": jnp.int32(7)}
+  >>> fsq.checkpoint.save(directory, 7, state)
+  >>> fsq.checkpoint.latest_step(directory)
+  7
+  >>> restored = fsq.checkpoint.restore(directory, state)
+  >>> print(restored["w"])
+  [0. 1. 2.]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fsq import _checks
+
+__all__ = ["all_steps", "latest_step", "restore", "save"]
+
+PathLike = str | os.PathLike
+
+
+def _manager(directory: PathLike, max_to_keep: int | None = None, create: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False
+    )
+    # The handler named up front lets a fresh process read metadata before any restore.
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
+
+
+def save(directory: PathLike, step: int, state: Any, *, max_to_keep: int = 3) -> None:
+    """Saves ``state`` (any pytree of arrays) as checkpoint ``step`` of ``directory``.
+
+    Call it from every process of a multi-host job. Only the newest ``max_to_keep``
+    checkpoints are kept.
+
+    Args:
+      directory: the checkpoint directory (created if missing).
+      step: the checkpoint's number, an int >= 0 (usually the training step).
+      state: the pytree to save, e.g. a :class:`fsq.parallel.TrainState`.
+      max_to_keep: how many checkpoints to keep, an int >= 1.
+    """
+    step = _checks.integer("step", step, low=0)
+    max_to_keep = _checks.integer("max_to_keep", max_to_keep, low=1)
+    with _manager(directory, max_to_keep, create=True) as manager:
+        if step in manager.all_steps():
+            raise ValueError(f"checkpoint {step} already exists in {directory}")
+        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+
+
+def all_steps(directory: PathLike) -> list[int]:
+    """The checkpoints of ``directory``, oldest first (empty if there are none)."""
+    if not os.path.isdir(directory):
+        return []
+    with _manager(directory) as manager:
+        return sorted(manager.all_steps())
+
+
+def latest_step(directory: PathLike) -> int | None:
+    """The newest checkpoint of ``directory``, or ``None``."""
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("name", "key", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _layout(tree: Any, *, saved: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{dotted path: (shape, dtype)}`` of a state, or of a checkpoint's metadata."""
+    layout = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = ".".join(_key_name(k) for k in path)
+        layout[leaf.name if saved else name] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+    return layout
+
+
+def _check_layout(saved: dict, wanted: dict, where: str) -> None:
+    missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+    if missing or extra:
+        raise ValueError(
+            f"{where} does not match the state to restore into: missing {missing}, "
+            f"unexpected {extra}"
+        )
+    for name, (shape, dtype) in wanted.items():
+        if saved[name] != (shape, dtype):
+            raise ValueError(
+                f"{where} does not match the state to restore into: {name} is "
+                f"{saved[name][0]} {saved[name][1]} in the checkpoint, {shape} {dtype} here"
+            )
+
+
+def restore(directory: PathLike, like: Any, *, step: int | None = None) -> Any:
+    """Restores checkpoint ``step`` (default: the newest) of ``directory`` into ``like``'s layout.
+
+    Args:
+      directory: the checkpoint directory.
+      like: a state of the same structure, shapes and dtypes, e.g. a fresh
+        ``dp.init(params)``; its shardings are the restored arrays' shardings.
+      step: which checkpoint; ``None`` for the newest.
+
+    Returns:
+      The saved state, with the structure and shardings of ``like``.
+
+    Raises:
+      FileNotFoundError: there is no such checkpoint.
+      ValueError: the checkpoint's tree, shapes or dtypes differ from ``like``'s, or its
+        files are damaged (older checkpoints stay readable: pass their ``step``).
+    """
+    steps = all_steps(directory)
+    if step is None and not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    step = steps[-1] if step is None else _checks.integer("step", step, low=0)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint {step} in {directory}; there are {steps}")
+    where = f"checkpoint {step} in {directory}"
+    with _manager(directory) as manager:
+        try:
+            saved = _layout(manager.item_metadata(step), saved=True)
+        except Exception as e:  # orbax raises many kinds of errors on a damaged directory
+            raise ValueError(f"{where} is unreadable (damaged?): {e}") from e
+        _check_layout(saved, _layout(like, saved=False), where)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as e:
+            raise ValueError(f"{where} is unreadable (damaged?): {e}") from e

@@ -1,0 +1,82 @@
+"""fsq.checkpoint: a resumed run continues bitwise; bad checkpoints fail loudly and locally."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fsq
+
+SCRIPT = pathlib.Path(__file__).with_name("resume_script.py")
+
+
+def run_script(mode, directory):
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    subprocess.run([sys.executable, str(SCRIPT), mode, str(directory)], check=True, env=env)
+    with np.load(directory / f"{mode}.npz") as data:
+        return [data[k] for k in sorted(data.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_resume_in_a_fresh_process_continues_bitwise(tmp_path):
+    whole = run_script("whole", tmp_path)
+    run_script("first", tmp_path)  # asserts gradients are in flight when it saves
+    resumed = run_script("second", tmp_path)
+    assert len(resumed) == len(whole)
+    for got, want in zip(resumed, whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def state(scale=1.0):
+    return {"w": scale * jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(4)}
+
+
+def test_damaged_checkpoint_raises_and_leaves_the_previous_one_readable(tmp_path):
+    fsq.checkpoint.save(tmp_path, 1, state(1.0))
+    fsq.checkpoint.save(tmp_path, 2, state(2.0))
+    for path in (tmp_path / "2").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checkpoint 2 .* unreadable"):
+        fsq.checkpoint.restore(tmp_path, state())
+    restored = fsq.checkpoint.restore(tmp_path, state(), step=1)
+    np.testing.assert_array_equal(restored["w"], np.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize(
+    "like, match",
+    [
+        ({"w": jnp.zeros((3, 2)), "step": jnp.int32(0)}, r"w is \(2, 3\) float32"),
+        ({"w": jnp.zeros((2, 3), jnp.int32), "step": jnp.int32(0)}, "w is"),
+        ({"w": jnp.zeros((2, 3))}, r"unexpected \['step'\]"),
+        ({"w": jnp.zeros((2, 3)), "step": jnp.int32(0), "b": jnp.zeros(2)}, r"missing \['b'\]"),
+    ],
+)
+def test_mismatched_state_raises(tmp_path, like, match):
+    fsq.checkpoint.save(tmp_path, 0, state())
+    with pytest.raises(ValueError, match=match):
+        fsq.checkpoint.restore(tmp_path, like)
+
+
+def test_missing_checkpoints_and_reused_steps_raise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fsq.checkpoint.restore(tmp_path / "nothing", state())
+    fsq.checkpoint.save(tmp_path, 3, state())
+    with pytest.raises(FileNotFoundError, match="no checkpoint 4"):
+        fsq.checkpoint.restore(tmp_path, state(), step=4)
+    with pytest.raises(ValueError, match="already exists"):
+        fsq.checkpoint.save(tmp_path, 3, state())
+    with pytest.raises(ValueError, match="max_to_keep"):
+        fsq.checkpoint.save(tmp_path, 5, state(), max_to_keep=0)
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for step in range(5):
+        fsq.checkpoint.save(tmp_path, step, state(float(step)), max_to_keep=2)
+    assert fsq.checkpoint.all_steps(tmp_path) == [3, 4]
+    np.testing.assert_array_equal(
+        fsq.checkpoint.restore(tmp_path, state())["w"], 4 * np.arange(6.0).reshape(2, 3)
+    )

@@ -1,0 +1,31 @@
+"""Every example script trains on a tiny configuration: its evaluation loss goes down."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+TINY = ["--steps", "40", "--workers", "8", "--max-delay", "4", "--log-every", "20"]
+
+
+@pytest.mark.parametrize("script", ["nnx_train.py", "linen_train.py"])
+def test_example_loss_goes_down(script):
+    # A fresh process, where JAX_NUM_CPU_DEVICES takes effect: nnx_train.py then lays its
+    # workers out over 8 devices with shard_map.
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *TINY],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"eval loss ([0-9.]+) -> ([0-9.]+)", result.stdout)
+    assert match, result.stdout
+    first, last = map(float, match.groups())
+    assert last < 0.8 * first, result.stdout
