@@ -12,7 +12,7 @@ from fsq.optimizers import (
     sgd,
 )
 from fsq.squirrel import FlyingSquirrelState, flying_squirrel
-from fsq.transforms import aggregation, compensation, faults, staleness
+from fsq.transforms import aggregation, compensation, compression, faults, staleness
 from fsq.transforms.accumulation import AccumulationState, accumulate
 from fsq.transforms.delivery import InFlight
 
@@ -29,6 +29,7 @@ __all__ = [
     "bgd",
     "checkpoint",
     "compensation",
+    "compression",
     "delays",
     "faults",
     "flying_squirrel",

@@ -12,6 +12,7 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -74,3 +75,22 @@ def worker_index(names: tuple[str, ...]) -> jax.Array:
     for name in names[1:]:
         index = index * lax.axis_size(name) + lax.axis_index(name)
     return index
+
+
+def stack(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """``x`` of every worker over ``axes`` (outermost first), stacked on a new axis 0 in
+    worker order. Free over vmap axes; an all-gather over mesh axes."""
+    x = x[None]
+    for axis in reversed(axes):
+        x = lax.all_gather(x, axis, tiled=True)
+    return x
+
+
+def local_index(local: tuple[str, ...]) -> jax.Array:
+    """This worker's index among the workers of its device (0 if there are no local axes)."""
+    return worker_index(local) if local else jnp.int32(0)
+
+
+def local_count(local: tuple[str, ...]) -> int:
+    """How many workers share this device."""
+    return math.prod(lax.axis_size(n) for n in local)

@@ -18,6 +18,7 @@ class Stream(enum.IntEnum):
 
     DELAY = 0
     FAULT = 1
+    COMPRESSION = 2
 
 
 def event_key(seed: int, stream: Stream, step: jax.Array, worker: jax.Array) -> jax.Array:

@@ -68,6 +68,11 @@ class DelayModel:
         """The expected delay, averaged over workers and steps."""
         raise NotImplementedError
 
+    @property
+    def min_delay(self) -> int:
+        """The smallest delay the model can produce (a gradient is never delivered sooner)."""
+        return 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Constant(DelayModel):
@@ -80,6 +85,10 @@ class Constant(DelayModel):
     @property
     def mean_delay(self) -> float:
         return float(self.max_delay)
+
+    @property
+    def min_delay(self) -> int:
+        return self.max_delay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +105,10 @@ class Categorical(DelayModel):
     @property
     def mean_delay(self) -> float:
         return float(np.dot(np.arange(len(self.probabilities)), self.probabilities))
+
+    @property
+    def min_delay(self) -> int:
+        return int(np.flatnonzero(np.asarray(self.probabilities) > 0)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +164,10 @@ class Trace(DelayModel):
     @property
     def mean_delay(self) -> float:
         return float(np.mean(self.delays))
+
+    @property
+    def min_delay(self) -> int:
+        return int(np.min(self.delays))
 
 
 def _max_delay(name: str, value: int) -> int:

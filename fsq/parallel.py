@@ -17,9 +17,10 @@ The step computes each worker's *local* gradient (``shard_map`` runs with
 ``check_vma=False``, so ``jax.grad`` of replicated parameters is not summed over devices
 behind the user's back), applies ``tx`` per worker and returns the new replicated
 parameters. State that lives on one device (the in-flight buffer of
-:class:`fsq.InFlight`) is stored as the devices' blocks concatenated along axis 0, so
-``shard_map`` hands each device its block without a reshape (a reshape there makes XLA
-copy the buffer every step); everything else is replicated.
+:class:`fsq.InFlight`, the error-feedback residuals of
+:class:`fsq.compression.ErrorFeedback`) is stored as the devices' blocks concatenated
+along axis 0, so ``shard_map`` hands each device its block without a reshape (a reshape
+there makes XLA copy the buffer every step); everything else is replicated.
 
 Example:
   >>> import jax, jax.numpy as jnp, fsq
@@ -47,6 +48,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fsq import _checks
+from fsq.transforms.compression import ErrorFeedback
 from fsq.transforms.delivery import InFlight
 
 DEVICE_AXIS = "devices"
@@ -112,23 +114,24 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     )
 
 
-def _is_in_flight(x: Any) -> bool:
-    return isinstance(x, InFlight)
+def _is_per_device(x: Any) -> bool:
+    """State that differs across devices: the in-flight buffer, per-worker residuals."""
+    return isinstance(x, InFlight | ErrorFeedback)
 
 
 def _per_device(opt_state: optax.OptState, on_device: Any, replicated: Any) -> Any:
     """A prefix of ``opt_state``: ``on_device`` for per-device parts, else ``replicated``."""
     return jax.tree.map(
-        lambda x: on_device if _is_in_flight(x) else replicated, opt_state, is_leaf=_is_in_flight
+        lambda x: on_device if _is_per_device(x) else replicated, opt_state, is_leaf=_is_per_device
     )
 
 
 def _map_per_device(opt_state: optax.OptState, on_device: Callable, replicated: Callable) -> Any:
     """Applies ``on_device`` to the leaves of per-device parts, ``replicated`` to the rest."""
     return jax.tree.map(
-        lambda x: jax.tree.map(on_device, x) if _is_in_flight(x) else replicated(x),
+        lambda x: jax.tree.map(on_device, x) if _is_per_device(x) else replicated(x),
         opt_state,
-        is_leaf=_is_in_flight,
+        is_leaf=_is_per_device,
     )
 
 

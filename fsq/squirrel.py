@@ -31,22 +31,24 @@ all-reduce for the whole model. The algorithmic pieces act at one end or the oth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from fsq import _axes, _checks, _random, delays
 from fsq.transforms import aggregation as _aggregation
 from fsq.transforms import compensation as dc
+from fsq.transforms import compression as _compression
 from fsq.transforms import delivery, wire
 from fsq.transforms import faults as _faults
 from fsq.transforms import staleness as _staleness
 
 ON_STALE = ("drop", "wait")
+EXCHANGES = ("dense", "sparse")
 
 
 class Scalars(NamedTuple):
@@ -87,6 +89,10 @@ class FlyingSquirrelState(NamedTuple):
         inner optimizer state.
       lost: how many gradients due at the last step were never sent, their worker being
         down (:mod:`fsq.faults`) (int32).
+      error_feedback: the error-feedback residuals of this device's workers
+        (:class:`fsq.compression.ErrorFeedback`), or ``optax.EmptyState()``.
+      bytes_sent: the bytes a worker's message takes on the wire per step (float32; the
+        dense float32 gradient is ``4 P``), whatever the exchange simulates it with.
     """
 
     step: jax.Array
@@ -98,6 +104,8 @@ class FlyingSquirrelState(NamedTuple):
     bounded: jax.Array
     rejected: jax.Array
     lost: jax.Array
+    error_feedback: _compression.ErrorFeedback | optax.EmptyState
+    bytes_sent: jax.Array
 
 
 def _accumulation_dtype(params: optax.Params) -> jnp.dtype:
@@ -126,6 +134,8 @@ def flying_squirrel(
     load_balance: bool = False,
     faults: _faults.FaultModel | Sequence[_faults.FaultModel] | None = None,
     aggregation: str | _aggregation.Aggregation | None = "mean",
+    compression: _compression.Compressor | None = None,
+    exchange: str = "dense",
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous data-parallel training with delayed gradients, used per worker.
@@ -197,6 +207,17 @@ def flying_squirrel(
         worker's messages apart in the in-flight buffer (``W/D`` times its memory) and
         all-gathers the workers' messages at delivery. With a robust rule ``init`` must
         run inside the mapped context, as ``update`` does (:mod:`fsq.parallel` does so).
+      compression: a :mod:`fsq.compression` operator (``top_k``, ``random_k``, ``sign``,
+        ``quantize``), with error feedback by default (a per-worker residual, so ``init``
+        must run inside the mapped context); ``None`` sends the dense gradient.
+      exchange: ``"dense"`` (default): messages travel as dense rows, one all-reduce at
+        delivery; with compression this simulates the compressed numerics exactly while
+        ``bytes_sent`` counts the compressed wire. ``"sparse"`` (``top_k`` / ``random_k``):
+        each worker's (index, value) pairs are all-gathered when sent and added into the
+        buffer locally: a real sparse collective, equal to the dense path. With a delay
+        model that never gives delay 0 (e.g. ``delay=1``), the dense exchange's all-reduce
+        depends only on the buffer, not on this step's gradient, so XLA can overlap it with
+        the backward pass (see docs: overlapped exchange).
       seed: the seed of every random choice (delays); runs are a pure function of it.
         A traced int scalar is accepted too, to ``jit`` or ``vmap`` over seeds.
 
@@ -250,6 +271,21 @@ def flying_squirrel(
     if fault_model is not None:
         fault_model.check(num_workers)
     robust = _aggregation.resolve(aggregation)
+    if compression is not None and not isinstance(compression, _compression.Compressor):
+        raise TypeError(
+            "compression must be None or a fsq.compression operator (top_k, random_k, sign, "
+            f"quantize), got {type(compression).__name__} {compression!r}"
+        )
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    sparse = exchange == "sparse"
+    if sparse and (compression is None or not compression.sparse):
+        raise ValueError(
+            'exchange="sparse" needs a sparse compression (fsq.compression.top_k or random_k)'
+        )
+    if sparse and robust.per_worker:
+        raise ValueError('exchange="sparse" works with aggregation="mean" only')
+    feedback = compression is not None and compression.error_feedback
     config = dc.resolve(compensation)
     if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
         config = None
@@ -268,11 +304,23 @@ def flying_squirrel(
         message = wire.width(like, num_trees, num_scalars)
         if not robust.per_worker:
             return message
-        local = _axes.resolve(names, num_workers).local
-        return message * math.prod(jax.lax.axis_size(n) for n in local)
+        return message * _axes.local_count(_axes.resolve(names, num_workers).local)
+
+    def wire_bytes(params: optax.Params) -> float:
+        sizes = [x.size for x in jax.tree.leaves(params)]
+        if compression is None:
+            return float(_compression.dense_bytes(sizes, num_trees))
+        return float(compression.payload_bytes(sizes, num_trees))
 
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
         width = buffer_width(params)
+        residuals = optax.EmptyState()
+        if feedback:
+            local = _axes.local_count(_axes.resolve(names, num_workers).local)
+            size = sum(x.size for x in jax.tree.leaves(params))
+            residuals = _compression.ErrorFeedback(
+                jnp.zeros((local, size), _accumulation_dtype(params))
+            )
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
             in_flight=delivery.init(model.max_delay, width, _accumulation_dtype(params)),
@@ -283,6 +331,8 @@ def flying_squirrel(
             bounded=jnp.zeros([], jnp.int32),
             rejected=jnp.zeros([], jnp.int32),
             lost=jnp.zeros([], jnp.int32),
+            error_feedback=residuals,
+            bytes_sent=jnp.float32(wire_bytes(params)),
         )
 
     def live_share(step, worker):
@@ -296,8 +346,28 @@ def flying_squirrel(
         n_live = jnp.sum(jax.vmap(live)(jnp.arange(num_workers)).astype(jnp.float32))
         return live(worker), num_workers / jnp.maximum(n_live, 1.0)
 
-    def send(updates, params, delay, step, worker):
-        """One worker's message: its channels, scalars and (possibly clipped) delay."""
+    def compress(updates, residual, count, step, worker):
+        """Compresses ``updates`` plus the worker's residual; returns the compressed
+        updates, the new residual and the positions kept (sparse compressors, else None).
+        A message that carries nothing leaves the residual as it was."""
+        flat, unravel = ravel_pytree(updates)
+        x = flat.astype(residual.dtype) + residual if feedback else flat
+        sizes = [g.size for g in jax.tree.leaves(updates)]
+        stream_worker = 0 if compression.shared else worker  # shared: same choice for all
+        key = _random.event_key(seed, _random.Stream.COMPRESSION, step, stream_worker)
+        kept = None
+        if compression.sparse:
+            kept = compression.indices(x, sizes, key)
+            sent = jnp.zeros_like(x).at[kept].set(x[kept])
+        else:
+            sent = compression.compress(x, sizes, key)
+        if feedback:
+            residual = jnp.where(count > 0, x - sent, residual)
+        return unravel(sent.astype(flat.dtype)), residual, kept
+
+    def send(updates, params, delay, step, worker, residual):
+        """One worker's message: its channels, scalars, (possibly clipped) delay, new
+        residual and the positions of a sparse message."""
         alive, share = live_share(step, worker)
         if fault_model is not None:
             key = _random.event_key(seed, _random.Stream.FAULT, step, worker)
@@ -314,6 +384,9 @@ def flying_squirrel(
                 delay = jnp.minimum(delay, max_staleness)
             else:
                 count = count * (1.0 - bounded)
+        kept = None
+        if compression is not None:
+            updates, residual, kept = compress(updates, residual, count, step, worker)
         scale = count * share
         if rule is not None:
             scale = scale * rule.scale(delay)
@@ -323,7 +396,7 @@ def flying_squirrel(
         lost = 1.0 - alive.astype(jnp.float32)
         rejected = (1.0 - finite) * (1.0 - lost)
         scalars = Scalars(count, count * delay, bounded, scale, rejected, lost)
-        return trees, scalars, delay
+        return trees, scalars, delay, residual, kept
 
     def update_fn(
         updates: optax.Updates,
@@ -346,11 +419,40 @@ def flying_squirrel(
         step = state.step
         delay = model(_random.event_key(seed, _random.Stream.DELAY, step, worker), step, worker)
 
-        trees, scalars, delay = send(updates, params, delay, step, worker)
+        residuals, residual = state.error_feedback, None
+        if feedback:
+            residual = residuals.residual[_axes.local_index(axes.local)]
+        trees, scalars, delay, residual, kept = send(updates, params, delay, step, worker, residual)
+        if feedback:  # every local worker returns the device's whole block
+            residuals = _compression.ErrorFeedback(_axes.stack(residual, axes.local))
         message = wire.pack(trees, scalars, slots.dtype, scalars.weight)
-        total, in_flight = delivery.exchange(
-            state.in_flight, message, delay, step, axes.local, axes.device, robust.per_worker
-        )
+        if sparse:
+            size = (message.size - num_scalars) // num_trees
+            positions = jnp.concatenate(
+                [kept + c * size for c in range(num_trees)]
+                + [jnp.arange(num_scalars, dtype=kept.dtype) + num_trees * size]
+            )
+            total, in_flight = delivery.exchange_sparse(
+                state.in_flight,
+                positions,
+                message[positions],
+                delay,
+                step,
+                axes.names,
+                message.size,
+                shared_positions=compression.shared,
+            )
+        else:
+            total, in_flight = delivery.exchange(
+                state.in_flight,
+                message,
+                delay,
+                step,
+                axes.local,
+                axes.device,
+                robust.per_worker,
+                immediate=model.min_delay == 0,
+            )
         if robust.per_worker:  # total holds each worker's sums: [W, width]
             weights = total[:, -num_scalars + Scalars._fields.index("weight")]
             total = jnp.concatenate(
@@ -393,6 +495,8 @@ def flying_squirrel(
             bounded=jnp.round(arrived.bounded).astype(jnp.int32),
             rejected=jnp.round(arrived.rejected).astype(jnp.int32),
             lost=jnp.round(arrived.lost).astype(jnp.int32),
+            error_feedback=residuals,
+            bytes_sent=state.bytes_sent,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

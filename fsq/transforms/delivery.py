@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fsq import _axes
+
 
 class InFlight(NamedTuple):
     """Messages in flight from the workers of one device, summed per due step.
@@ -63,6 +65,21 @@ def init(max_delay: int, width: int, dtype: jnp.dtype) -> InFlight:
     )
 
 
+def _advance(in_flight: InFlight, step: jax.Array, now: jax.Array, write) -> tuple:
+    """The ring step shared by both exchanges: empty the slot of ``step`` (its content was
+    moved to ``due`` a step earlier), let ``write(slots, num_slots)`` add the late
+    messages, and read the next ``due`` after the writes. Returns ``(due + now, buffer)``.
+    """
+    slots, due = in_flight
+    num_slots = slots.shape[0]
+    if not num_slots:
+        return now, in_flight
+    slots = lax.dynamic_update_index_in_dim(slots, jnp.zeros_like(due), step % num_slots, 0)
+    slots = write(slots, num_slots)
+    next_due = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
+    return now + due, InFlight(slots, next_due)
+
+
 def exchange(
     in_flight: InFlight,
     message: jax.Array,
@@ -71,6 +88,7 @@ def exchange(
     local_axes: tuple[str, ...],
     device_axes: tuple[str, ...],
     per_worker: bool = False,
+    immediate: bool = True,
 ) -> tuple[jax.Array, InFlight]:
     """Sends this worker's ``message`` with ``delay``; returns the sum of all messages due
     at ``step`` (over every worker) and the buffer without them.
@@ -80,32 +98,69 @@ def exchange(
     all-reduce of one row over the device-spanning axes. With ``per_worker``, each
     worker's messages are kept apart and the result is ``[W, width]``: every worker's sum
     of messages due at ``step``, gathered (the one collective) in global worker order.
+    With ``immediate=False`` (the delay model never gives delay 0) the collective reads
+    only the buffer, not this step's messages, so it can overlap this step's backward pass.
     """
-    messages, delays = message[None], jnp.asarray(delay, jnp.int32)[None]
-    for axis in reversed(local_axes):
-        messages = lax.all_gather(messages, axis, tiled=True)
-        delays = lax.all_gather(delays, axis, tiled=True)
+    messages = _axes.stack(message, local_axes)
+    delays = _axes.stack(jnp.asarray(delay, jnp.int32), local_axes)
     num_local, width = messages.shape
-    now = jnp.where((delays == 0)[:, None], messages, 0)
-    total = jnp.ravel(now) if per_worker else jnp.sum(now, axis=0)
-    slots, due = in_flight
-    num_slots = slots.shape[0]
-    if num_slots:
-        total = total + due
-        slots = lax.dynamic_update_index_in_dim(slots, jnp.zeros_like(due), step % num_slots, 0)
+    if immediate:
+        now = jnp.where((delays == 0)[:, None], messages, 0)
+        now = jnp.ravel(now) if per_worker else jnp.sum(now, axis=0)
+    else:
+        now = jnp.zeros(num_local * width if per_worker else width, messages.dtype)
 
+    def write(slots, num_slots):
         # One in-place row update per local worker, unrolled: a scatter, or a loop carrying
         # the buffer, makes XLA copy the whole buffer on CPU.
         for i in range(num_local):
             at = ((step + delays[i]) % num_slots, i * width if per_worker else 0)
             late = jnp.where(delays[i] > 0, messages[i], jnp.zeros_like(messages[i]))
-            updated = lax.dynamic_slice(slots, at, (1, width)) + late
-            slots = lax.dynamic_update_slice(slots, updated, at)
-        due = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
+            slots = lax.dynamic_update_slice(
+                slots, lax.dynamic_slice(slots, at, (1, width)) + late, at
+            )
+        return slots
+
+    total, in_flight = _advance(in_flight, step, now, write)
     if per_worker:
         if device_axes:
             total = lax.all_gather(total, device_axes, tiled=True)
-        return total.reshape(-1, width), InFlight(slots, due)
+        return total.reshape(-1, width), in_flight
     if device_axes:
         total = lax.psum(total, device_axes)
-    return total, InFlight(slots, due)
+    return total, in_flight
+
+
+def exchange_sparse(
+    in_flight: InFlight,
+    positions: jax.Array,
+    values: jax.Array,
+    delay: jax.Array,
+    step: jax.Array,
+    axes: tuple[str, ...],
+    width: int,
+    shared_positions: bool = False,
+) -> tuple[jax.Array, InFlight]:
+    """:func:`exchange` for a sparse message: ``values`` at ``positions`` of a row of
+    ``width`` entries.
+
+    Every worker's (positions, values, delay) is all-gathered over all ``axes`` *when it
+    is sent* (the one collective, of :math:`W \times k` pairs instead of an all-reduce of
+    the dense row); each device then adds all of them into its buffer, which therefore
+    holds the sums over every worker, and delivery needs no collective. With
+    ``shared_positions`` every worker sends at the same positions (random-k with a
+    shared seed) and only the values travel.
+    """
+    values = _axes.stack(values, axes)
+    delays = _axes.stack(jnp.asarray(delay, jnp.int32), axes)[:, None]
+    if not shared_positions:
+        positions = _axes.stack(positions, axes)
+    positions = jnp.broadcast_to(positions, values.shape)
+    return _advance(
+        in_flight,
+        step,
+        jnp.zeros(width, values.dtype).at[positions].add(jnp.where(delays == 0, values, 0)),
+        lambda slots, num_slots: slots.at[(step + delays) % num_slots, positions].add(
+            jnp.where(delays > 0, values, 0)
+        ),
+    )

@@ -1,0 +1,309 @@
+"""Compression: operators against numpy, error feedback conserves mass, the sparse
+collective equals the dense simulation, byte accounting, the overlapped exchange."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fsq
+from fsq import compression, delays
+
+W = 4
+PLAIN = {"staleness": None, "compensation": None}
+SIZES = (30, 3)  # a [10, 3] matrix and a [3] bias, flattened in leaf order
+
+
+def random_vector(seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=sum(SIZES)), jnp.float32)
+
+
+# --- Operators -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_k_keeps_the_largest_magnitudes(seed):
+    x = random_vector(seed)
+    got = compression.top_k(0.1).compress(x, SIZES, None)
+    want = np.zeros(33)
+    largest = np.argsort(-np.abs(np.asarray(x)))[:4]  # ceil(0.1 * 33) = 4
+    want[largest] = np.asarray(x)[largest]
+    np.testing.assert_array_equal(got, want)
+    got = compression.top_k(0.1, per_leaf=True).compress(x, SIZES, None)
+    want = np.zeros(33)
+    for start, stop, k in ((0, 30, 3), (30, 33, 1)):
+        seg = np.asarray(x)[start:stop]
+        keep = start + np.argsort(-np.abs(seg))[:k]
+        want[keep] = np.asarray(x)[keep]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_random_k_keeps_k_entries_chosen_by_the_key():
+    x = random_vector(0)
+    rk = compression.random_k(0.25)
+    a = np.asarray(rk.compress(x, SIZES, jax.random.key(1)))
+    b = np.asarray(rk.compress(2 * x, SIZES, jax.random.key(1)))
+    kept = np.flatnonzero(a)
+    assert len(kept) == 9  # ceil(0.25 * 33)
+    np.testing.assert_array_equal(a[kept], np.asarray(x)[kept])
+    np.testing.assert_array_equal(np.flatnonzero(b), kept)  # same key: same positions
+    c = np.asarray(rk.compress(x, SIZES, jax.random.key(2)))
+    assert set(np.flatnonzero(c)) != set(kept)
+
+
+def test_scaled_sign_per_leaf():
+    x = np.asarray(random_vector(3))
+    got = compression.sign().compress(jnp.asarray(x), SIZES, None)
+    want = np.concatenate(
+        [np.mean(np.abs(x[:30])) * np.sign(x[:30]), np.mean(np.abs(x[30:])) * np.sign(x[30:])]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stochastic_quantization_is_unbiased_on_its_grid(bits):
+    x = np.asarray(random_vector(4))
+    q = compression.quantize(bits)
+    draws = np.asarray(
+        jax.vmap(lambda k: q.compress(jnp.asarray(x), SIZES, k))(
+            jax.random.split(jax.random.key(0), 4000)
+        )
+    )
+    for start, stop in ((0, 30), (30, 33)):
+        step = np.abs(x[start:stop]).max() / (2 ** (bits - 1) - 1)
+        levels = draws[:, start:stop] / step
+        np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # on the grid
+        assert np.all(np.abs(draws[:, start:stop] - x[start:stop]) <= step * (1 + 1e-5))
+        # Unbiased: the mean of 4000 draws is within 5 standard errors of x.
+        np.testing.assert_array_less(
+            np.abs(draws[:, start:stop].mean(0) - x[start:stop]), 5 * step / 2 / np.sqrt(4000)
+        )
+
+
+# --- Inside Flying Squirrel ----------------------------------------------------------------
+
+
+def run_updates(tx, grads, params):
+    """Feeds ``grads`` ``[steps, W, P]`` to ``tx`` under vmap; returns updates and state."""
+    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name="workers")
+    update = jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name="workers")
+
+    def body(state, g):
+        u, state = update(g, state, params)
+        return state, u
+
+    state, updates = jax.lax.scan(body, init(params), grads)
+    return np.asarray(updates), state
+
+
+@pytest.mark.parametrize(
+    "operator",
+    [
+        compression.top_k(0.1),
+        compression.top_k(0.1, per_leaf=True),
+        compression.random_k(0.2),
+        compression.sign(),
+        compression.quantize(4),
+    ],
+)
+@pytest.mark.parametrize("max_delay", [0, 3])
+def test_error_feedback_conserves_mass(operator, max_delay):
+    # What was sent (delivered: read off the updates of SGD with lr 1; or still in flight)
+    # plus what is left in the residuals equals every gradient ever computed.
+    steps = 12
+    grads = np.random.default_rng(max_delay).normal(size=(steps, W, 33)).astype(np.float32)
+    tx = fsq.flying_squirrel(
+        fsq.sgd(1.0), num_workers=W, delay=delays.uniform(max_delay), compression=operator, **PLAIN
+    )
+    updates, state = run_updates(tx, jnp.asarray(grads), jnp.zeros(33))
+    in_flight = np.asarray(state.in_flight.slots).sum(axis=0)[:33] if max_delay else 0
+    sent = -W * updates.sum(axis=0) + in_flight
+    residual = np.asarray(state.error_feedback.residual).sum(axis=0)
+    np.testing.assert_allclose(sent + residual, grads.sum(axis=(0, 1)), rtol=1e-4, atol=1e-4)
+    assert np.abs(residual).max() > 1e-3  # compression really left something behind
+
+
+def test_without_error_feedback_the_rest_is_lost():
+    grads = np.random.default_rng(0).normal(size=(5, W, 33)).astype(np.float32)
+    tx = fsq.flying_squirrel(
+        fsq.sgd(1.0), num_workers=W, compression=compression.top_k(0.1, error_feedback=False)
+    )
+    updates, state = run_updates(tx, jnp.asarray(grads), jnp.zeros(33))
+    assert isinstance(state.error_feedback, optax.EmptyState)
+    top = compression.top_k(0.1, error_feedback=False)
+    want = np.stack(
+        [[np.asarray(top.compress(jnp.asarray(g), SIZES, None)) for g in s] for s in grads]
+    )
+    np.testing.assert_allclose(-W * updates, want.sum(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def mlp_loss(params, batch):
+    return jnp.mean((jnp.tanh(batch["x"] @ params["w"]) @ params["v"] - batch["y"]) ** 2)
+
+
+def run_layout(backend, num_devices, steps=8, **kwargs):
+    tx = fsq.flying_squirrel(
+        fsq.sgd(0.2),
+        num_workers=8,
+        delay=delays.uniform(3),
+        axis_name=fsq.parallel.AXIS_NAME,
+        seed=5,
+        **kwargs,
+    )
+    mesh = None if backend == "vmap" else fsq.parallel.make_mesh(num_devices)
+    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=8, backend=backend, mesh=mesh)
+    rng = np.random.default_rng(0)
+    state = dp.init({"w": rng.normal(size=(5, 6)) / 2, "v": rng.normal(size=6) / 2})
+    for step in range(steps):
+        data = np.random.default_rng(step)
+        batch = {"x": data.normal(size=(8, 4, 5)), "y": data.normal(size=(8, 4))}
+        state, _ = dp.step(state, batch)
+    return state
+
+
+@pytest.mark.parametrize("operator", [compression.top_k(0.2), compression.random_k(0.3)])
+@pytest.mark.parametrize(
+    "backend, num_devices", [("vmap", None), ("shard_map", 8), ("shard_map", 2)]
+)
+def test_sparse_collective_equals_dense_simulation(operator, backend, num_devices):
+    dense = run_layout("vmap", None, compression=operator)
+    sparse = run_layout(backend, num_devices, compression=operator, exchange="sparse")
+    for got, want in zip(
+        jax.tree.leaves(sparse.params), jax.tree.leaves(dense.params), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    plain = run_layout("vmap", None)
+    assert not np.allclose(plain.params["w"], dense.params["w"], atol=1e-4)
+
+
+def test_sparse_exchange_gathers_pairs_instead_of_reducing_the_dense_row():
+    tx = fsq.flying_squirrel(
+        fsq.sgd(0.1),
+        num_workers=8,
+        delay=2,
+        axis_name=fsq.parallel.AXIS_NAME,
+        compression=compression.top_k(0.05),
+        exchange="sparse",
+        **PLAIN,
+    )
+    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=8)
+    state = dp.init({"w": jnp.ones((40, 50)), "v": jnp.ones(50)})
+    batch = {"x": jnp.ones((8, 4, 40)), "y": jnp.ones((8, 4))}
+    text = jax.jit(dp.step).lower(state, batch).compile().as_text()
+    assert "all-reduce(" not in text
+    gathered = re.findall(r"= (\w+)\[([\d,]+)\][^=]*all-gather\(", text)
+    assert gathered
+    # Pairs of the k = ceil(0.05 * 2050) = 103 kept entries plus 6 scalars, per worker.
+    biggest = max(int(np.prod([int(d) for d in shape.split(",")])) for _, shape in gathered)
+    assert biggest == 8 * (103 + 6)
+
+
+# --- Byte accounting ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operator, channels, want",
+    [
+        (None, 1, 4 * 33),
+        (None, 3, 3 * 4 * 33),
+        (compression.top_k(0.1), 1, 4 * (4 + 4)),  # k = ceil(3.3) = 4 (index, value) pairs
+        (compression.top_k(0.1, per_leaf=True), 1, 4 * (3 + 1) * 2),  # 3 + 1 entries
+        (compression.top_k(0.1), 3, 4 * (4 + 3 * 4)),  # one index, three values
+        (compression.random_k(0.1), 1, 4 * 4),  # values only
+        (compression.sign(), 1, (4 + 4) + (1 + 4)),  # ceil(30 / 8) + scale, ceil(3 / 8) + scale
+        (compression.quantize(8), 1, (30 + 4) + (3 + 4)),
+        (compression.quantize(4), 1, (15 + 4) + (2 + 4)),
+    ],
+)
+def test_bytes_sent_equal_a_hand_computation(operator, channels, want):
+    extras = {**PLAIN, "compensation": 0.5 if channels == 3 else None}
+    tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=W, delay=1, compression=operator, **extras)
+    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name="workers")
+    state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
+    assert float(state.bytes_sent) == want
+
+
+# --- Overlapped exchange -------------------------------------------------------------------
+
+
+def ancestors(text, name):
+    """Names the HLO instruction ``name`` depends on, within the entry computation."""
+    entry = text[text.index("ENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    operands = {}
+    for line in entry.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?\((.*)", line)
+        if match:
+            operands[match[1]] = re.findall(r"%([\w.\-]+)", match[2])
+    seen, todo = set(), [name]
+    while todo:
+        for parent in operands.get(todo.pop(), []):
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen, entry
+
+
+@pytest.mark.parametrize("delay, overlaps", [(1, True), (0, False)])
+def test_with_delay_one_the_all_reduce_does_not_wait_for_the_gradient(delay, overlaps):
+    tx = fsq.flying_squirrel(
+        fsq.sgd(0.1), num_workers=8, delay=delay, axis_name=fsq.parallel.AXIS_NAME, **PLAIN
+    )
+    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=8)
+    state = dp.init({"w": jnp.ones((5, 6)), "v": jnp.ones(6)})
+    batch = {"x": jnp.ones((8, 4, 5)), "y": jnp.ones((8, 4))}
+    text = jax.jit(dp.step).lower(state, batch).compile().as_text()
+    reduce = re.search(r"%?([\w.\-]+) = \S+ all-reduce\(", text)[1]
+    parents, entry = ancestors(text, reduce)
+    batch_params = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(\d+\).*op_name=\"batch", entry))
+    assert len(batch_params) == 2  # x and y
+    assert bool(parents & batch_params) is not overlaps
+
+
+# --- Bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: compression.top_k(0.0), ValueError, "density"),
+        (lambda: compression.top_k(1.5), ValueError, "density"),
+        (lambda: compression.random_k(-0.1), ValueError, "density"),
+        (lambda: compression.quantize(1), ValueError, "bits"),
+        (lambda: compression.quantize(17), ValueError, "bits"),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, compression="top_k"),
+            TypeError,
+            "compression",
+        ),
+        (
+            lambda: fsq.flying_squirrel(
+                fsq.sgd(1.0), num_workers=2, compression=compression.sign(), exchange="sparse"
+            ),
+            ValueError,
+            "sparse",
+        ),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, exchange="fast"),
+            ValueError,
+            "exchange",
+        ),
+        (
+            lambda: fsq.flying_squirrel(
+                fsq.sgd(1.0),
+                num_workers=2,
+                compression=compression.top_k(0.1),
+                exchange="sparse",
+                aggregation="median",
+            ),
+            ValueError,
+            "mean",
+        ),
+    ],
+)
+def test_bad_values_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
