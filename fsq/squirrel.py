@@ -372,9 +372,8 @@ def flying_squirrel(
         if fault_model is not None:
             key = _random.event_key(seed, _random.Stream.FAULT, step, worker)
             updates = fault_model.send(key, step, worker, updates)
+        # A non-finite gradient is sent as zeros: ``wire.pack`` selects on ``finite``.
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
-        # A select, not a multiply: 0 * NaN is NaN.
-        updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), updates)
         count = (finite & alive).astype(jnp.float32)
         bounded = jnp.float32(0)
         if max_staleness is not None:
@@ -396,7 +395,7 @@ def flying_squirrel(
         lost = 1.0 - alive.astype(jnp.float32)
         rejected = (1.0 - finite) * (1.0 - lost)
         scalars = Scalars(count, count * delay, bounded, scale, rejected, lost)
-        return trees, scalars, delay, residual, kept
+        return trees, scalars, delay, residual, kept, finite
 
     def update_fn(
         updates: optax.Updates,
@@ -422,10 +421,12 @@ def flying_squirrel(
         residuals, residual = state.error_feedback, None
         if feedback:
             residual = residuals.residual[_axes.local_index(axes.local)]
-        trees, scalars, delay, residual, kept = send(updates, params, delay, step, worker, residual)
+        trees, scalars, delay, residual, kept, finite = send(
+            updates, params, delay, step, worker, residual
+        )
         if feedback:  # every local worker returns the device's whole block
             residuals = _compression.ErrorFeedback(_axes.stack(residual, axes.local))
-        message = wire.pack(trees, scalars, slots.dtype, scalars.weight)
+        message = wire.pack(trees, scalars, slots.dtype, scalars.weight, finite)
         if sparse:
             size = (message.size - num_scalars) // num_trees
             positions = jnp.concatenate(

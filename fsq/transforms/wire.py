@@ -28,10 +28,19 @@ def pack(
     scalars: Sequence[jax.Array],
     dtype: jnp.dtype,
     scale: jax.Array | float = 1.0,
+    valid: jax.Array | bool = True,
 ) -> jax.Array:
-    """Concatenates ``scale`` times the leaves of ``trees`` (in order), then ``scalars``."""
+    """Concatenates ``scale`` times the leaves of ``trees`` (in order), then ``scalars``.
+
+    Where ``valid`` is false the trees are sent as zeros: a select, not a multiply (``0 *
+    NaN`` is NaN), fused into the copy that packing makes anyway.
+    """
     scale = jnp.asarray(scale, dtype)
-    parts = [scale * jnp.ravel(x).astype(dtype) for tree in trees for x in jax.tree.leaves(tree)]
+    parts = [
+        jnp.where(valid, scale * jnp.ravel(x).astype(dtype), 0)
+        for tree in trees
+        for x in jax.tree.leaves(tree)
+    ]
     parts.append(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
     return jnp.concatenate(parts)
 
