@@ -17,10 +17,10 @@ The step computes each worker's *local* gradient (``shard_map`` runs with
 ``check_vma=False``, so ``jax.grad`` of replicated parameters is not summed over devices
 behind the user's back), applies ``tx`` per worker and returns the new replicated
 parameters. State that lives on one device (the in-flight buffer of
-:class:`fsq.InFlight`, the error-feedback residuals of
-:class:`fsq.compression.ErrorFeedback`) is stored as the devices' blocks concatenated
-along axis 0, so ``shard_map`` hands each device its block without a reshape (a reshape
-there makes XLA copy the buffer every step); everything else is replicated.
+:class:`fsq.InFlight`, per-worker vectors such as error-feedback residuals) is stored
+as the devices' blocks concatenated along axis 0, so ``shard_map`` hands each device its
+block without a reshape (a reshape there makes XLA copy the buffer every step);
+everything else is replicated.
 
 Example:
   >>> import jax, jax.numpy as jnp, fsq
@@ -48,8 +48,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fsq import _checks
-from fsq.transforms.compression import ErrorFeedback
 from fsq.transforms.delivery import InFlight
+from fsq.transforms.per_worker import PerWorker
 
 DEVICE_AXIS = "devices"
 WORKER_AXIS = "workers"
@@ -115,8 +115,8 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
 
 
 def _is_per_device(x: Any) -> bool:
-    """State that differs across devices: the in-flight buffer, per-worker residuals."""
-    return isinstance(x, InFlight | ErrorFeedback)
+    """State that differs across devices: the in-flight buffer, per-worker vectors."""
+    return isinstance(x, InFlight | PerWorker)
 
 
 def _per_device(opt_state: optax.OptState, on_device: Any, replicated: Any) -> Any:

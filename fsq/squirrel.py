@@ -43,7 +43,7 @@ from fsq import _axes, _checks, _random, delays
 from fsq.transforms import aggregation as _aggregation
 from fsq.transforms import compensation as dc
 from fsq.transforms import compression as _compression
-from fsq.transforms import delivery, wire
+from fsq.transforms import delivery, per_worker, wire
 from fsq.transforms import faults as _faults
 from fsq.transforms import staleness as _staleness
 
@@ -90,7 +90,9 @@ class FlyingSquirrelState(NamedTuple):
       lost: how many gradients due at the last step were never sent, their worker being
         down (:mod:`fsq.faults`) (int32).
       error_feedback: the error-feedback residuals of this device's workers
-        (:class:`fsq.compression.ErrorFeedback`), or ``optax.EmptyState()``.
+        (:class:`fsq.transforms.per_worker.PerWorker`), or ``optax.EmptyState()``.
+      worker_momentum: the momentum of this device's workers (a ``PerWorker``), or
+        ``optax.EmptyState()``.
       bytes_sent: the bytes a worker's message takes on the wire per step (float32; the
         dense float32 gradient is ``4 P``), whatever the exchange simulates it with.
     """
@@ -104,7 +106,8 @@ class FlyingSquirrelState(NamedTuple):
     bounded: jax.Array
     rejected: jax.Array
     lost: jax.Array
-    error_feedback: _compression.ErrorFeedback | optax.EmptyState
+    error_feedback: per_worker.PerWorker | optax.EmptyState
+    worker_momentum: per_worker.PerWorker | optax.EmptyState
     bytes_sent: jax.Array
 
 
@@ -136,6 +139,7 @@ def flying_squirrel(
     aggregation: str | _aggregation.Aggregation | None = "mean",
     compression: _compression.Compressor | None = None,
     exchange: str = "dense",
+    worker_momentum: float | None = None,
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous data-parallel training with delayed gradients, used per worker.
@@ -218,6 +222,11 @@ def flying_squirrel(
         model that never gives delay 0 (e.g. ``delay=1``), the dense exchange's all-reduce
         depends only on the buffer, not on this step's gradient, so XLA can overlap it with
         the backward pass (see docs: overlapped exchange).
+      worker_momentum: :math:`\beta \in [0, 1)`: each worker sends its momentum
+        :math:`m_i \leftarrow \beta m_i + (1 - \beta) g_i` instead of its gradient (worker
+        momentum, Karimireddy, He and Jaggi, *Learning from History for Byzantine Robust
+        Optimization*, ICML 2021): averaging over time shrinks the honest workers' noise,
+        so a robust ``aggregation`` can tell Byzantine messages apart. ``None``: off.
       seed: the seed of every random choice (delays); runs are a pure function of it.
         A traced int scalar is accepted too, to ``jit`` or ``vmap`` over seeds.
 
@@ -286,6 +295,8 @@ def flying_squirrel(
     if sparse and robust.per_worker:
         raise ValueError('exchange="sparse" works with aggregation="mean" only')
     feedback = compression is not None and compression.error_feedback
+    if worker_momentum is not None:
+        worker_momentum = float(_checks.probability_like("worker_momentum", worker_momentum))
     config = dc.resolve(compensation)
     if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
         config = None
@@ -314,13 +325,12 @@ def flying_squirrel(
 
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
         width = buffer_width(params)
-        residuals = optax.EmptyState()
-        if feedback:
-            local = _axes.local_count(_axes.resolve(names, num_workers).local)
-            size = sum(x.size for x in jax.tree.leaves(params))
-            residuals = _compression.ErrorFeedback(
-                jnp.zeros((local, size), _accumulation_dtype(params))
-            )
+        # Per-worker state needs the count of local workers: only then is init mapped.
+        mapped = feedback or worker_momentum is not None
+        local = _axes.resolve(names, num_workers).local if mapped else ()
+        size = sum(x.size for x in jax.tree.leaves(params))
+        dtype = _accumulation_dtype(params)
+        empty = optax.EmptyState()
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
             in_flight=delivery.init(model.max_delay, width, _accumulation_dtype(params)),
@@ -331,7 +341,10 @@ def flying_squirrel(
             bounded=jnp.zeros([], jnp.int32),
             rejected=jnp.zeros([], jnp.int32),
             lost=jnp.zeros([], jnp.int32),
-            error_feedback=residuals,
+            error_feedback=per_worker.init(local, size, dtype) if feedback else empty,
+            worker_momentum=(
+                empty if worker_momentum is None else per_worker.init(local, size, dtype)
+            ),
             bytes_sent=jnp.float32(wire_bytes(params)),
         )
 
@@ -365,10 +378,23 @@ def flying_squirrel(
             residual = jnp.where(count > 0, x - sent, residual)
         return unravel(sent.astype(flat.dtype)), residual, kept
 
-    def send(updates, params, delay, step, worker, residual):
+    def with_momentum(updates, velocity, ok):
+        """The worker's momentum including ``updates``, as updates, and the new momentum
+        (unchanged if the worker computed nothing usable)."""
+        flat, unravel = ravel_pytree(updates)
+        new = worker_momentum * velocity + (1 - worker_momentum) * flat.astype(velocity.dtype)
+        new = jnp.where(ok, new, velocity)
+        return unravel(new.astype(flat.dtype)), new
+
+    def send(updates, params, delay, step, worker, residual, velocity):
         """One worker's message: its channels, scalars, (possibly clipped) delay, new
-        residual and the positions of a sparse message."""
+        residual and momentum, and the positions of a sparse message."""
         alive, share = live_share(step, worker)
+        if worker_momentum is not None:  # the honest message, which an attacker corrupts
+            ok = alive & jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)])
+            )
+            updates, velocity = with_momentum(updates, velocity, ok)
         if fault_model is not None:
             key = _random.event_key(seed, _random.Stream.FAULT, step, worker)
             updates = fault_model.send(key, step, worker, updates)
@@ -395,7 +421,7 @@ def flying_squirrel(
         lost = 1.0 - alive.astype(jnp.float32)
         rejected = (1.0 - finite) * (1.0 - lost)
         scalars = Scalars(count, count * delay, bounded, scale, rejected, lost)
-        return trees, scalars, delay, residual, kept, finite
+        return trees, scalars, delay, residual, velocity, kept, finite
 
     def update_fn(
         updates: optax.Updates,
@@ -419,13 +445,18 @@ def flying_squirrel(
         delay = model(_random.event_key(seed, _random.Stream.DELAY, step, worker), step, worker)
 
         residuals, residual = state.error_feedback, None
+        momenta, velocity = state.worker_momentum, None
         if feedback:
-            residual = residuals.residual[_axes.local_index(axes.local)]
-        trees, scalars, delay, residual, kept, finite = send(
-            updates, params, delay, step, worker, residual
+            residual = per_worker.read(residuals, axes.local)
+        if worker_momentum is not None:
+            velocity = per_worker.read(momenta, axes.local)
+        trees, scalars, delay, residual, velocity, kept, finite = send(
+            updates, params, delay, step, worker, residual, velocity
         )
         if feedback:  # every local worker returns the device's whole block
-            residuals = _compression.ErrorFeedback(_axes.stack(residual, axes.local))
+            residuals = per_worker.write(residual, axes.local)
+        if worker_momentum is not None:
+            momenta = per_worker.write(velocity, axes.local)
         message = wire.pack(trees, scalars, slots.dtype, scalars.weight, finite)
         if sparse:
             size = (message.size - num_scalars) // num_trees
@@ -497,6 +528,7 @@ def flying_squirrel(
             rejected=jnp.round(arrived.rejected).astype(jnp.int32),
             lost=jnp.round(arrived.lost).astype(jnp.int32),
             error_feedback=residuals,
+            worker_momentum=momenta,
             bytes_sent=state.bytes_sent,
         )
 

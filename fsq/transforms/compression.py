@@ -10,7 +10,8 @@ that it adds to its next gradient (Seide et al. 2014; Stich, Cordonnier and Jagg
 
   x = g_i(t) + e_i, \qquad \hat g_i(t) = \mathcal{C}(x), \qquad e_i \leftarrow x - \hat g_i(t)
 
-so nothing is lost, only delayed: :math:`\sum_t \hat g_i(t) + e_i = \sum_t g_i(t)`.
+so nothing is lost, only delayed: :math:`\sum_t \hat g_i(t) + e_i = \sum_t g_i(t)`. The
+residual is per-worker state (:mod:`fsq.transforms.per_worker`).
 Compressors act on the whole flattened gradient (global) or leaf by leaf:
 
 - :func:`top_k` — the :math:`k = \lceil \rho P \rceil` entries of largest magnitude
@@ -46,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,6 @@ __all__ = [
     "Compressor",
     "Quantize",
     "RandomK",
-    "ErrorFeedback",
     "Sign",
     "TopK",
     "quantize",
@@ -68,17 +67,6 @@ __all__ = [
 ]
 
 Sizes = Sequence[int]  # the sizes of the gradient's leaves, in flattening order
-
-
-class ErrorFeedback(NamedTuple):
-    """The error-feedback residuals of the workers of one device: truly per-worker state.
-
-    Attributes:
-      residual: ``[W / D, P]``: row ``j`` is what local worker ``j`` has not sent yet, its
-        gradient flattened in leaf order. Devices' blocks concatenate along axis 0.
-    """
-
-    residual: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,344 @@
+"""The experiments: tasks against hand computations, the trainer against a plain loop, the
+runner end to end on a tiny configuration, and the report as a pure function of the JSON."""
+
+import csv
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fsq
+from experiments import mnist1d, records, report, training
+from experiments.__main__ import main
+from experiments.studies import base
+from experiments.tasks import cnn, logistic, markov, mlp, quadratic, transformer
+
+# --- Tasks ----------------------------------------------------------------------------------
+
+
+def test_quadratic_loss_and_test_loss_by_hand():
+    task = quadratic.task(dim=3, condition=4.0, noise=0.5)  # curvatures 1/4, 1/2, 1
+    w = {"w": jnp.array([1.0, 2.0, 3.0])}
+    x, y = jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]), jnp.array([4.0, 0.0])
+    # 0.5 * (1 + 6 - 4)^2 and 0.5 * 2^2.
+    np.testing.assert_allclose(task.loss(w, (x, y)), [4.5, 2.0], rtol=1e-6)
+    c = np.array([0.25, 0.5, 1.0])
+    gap = 0.5 * np.sum(c * (np.array([1.0, 2.0, 3.0]) - 1 / np.sqrt(c)) ** 2)
+    np.testing.assert_allclose(task.evaluate(w)["test_loss"], gap + 0.125, rtol=1e-6)
+    assert task.loss_floor == 0.125
+    # The closed-form test loss is the expectation of the sampled loss.
+    losses = task.loss(w, task.sample(jax.random.key(0), 200_000))
+    np.testing.assert_allclose(losses.mean(), gap + 0.125, rtol=0.02)
+
+
+def _data(x, y, x_test, y_test) -> mnist1d.Dataset:
+    return mnist1d.Dataset(*(np.asarray(a) for a in (x, y, x_test, y_test)))
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels]
+
+
+def test_logistic_loss_and_accuracy_by_hand():
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32)
+    y = np.array([0, 1, 2])
+    task = logistic.task(_data(x, y, x, np.array([0, 2, 2])))
+    params = task.init(jax.random.key(0))
+    kernel = np.array([[1.0, 0.0] + [0.0] * 8, [0.0, 1.0] + [0.0] * 8], np.float32)
+    bias = np.array([0.0, 0.0, 0.5] + [0.0] * 7, np.float32)
+    params = {"params": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    # Logits: [1, 0, .5, 0...], [0, 2, .5, 0...], [1, 1, .5, 0...]; 10 classes.
+    logits = x @ kernel + bias
+    np.testing.assert_allclose(
+        task.loss(params, (jnp.asarray(x), jnp.asarray(y))), _cross_entropy(logits, y), rtol=1e-5
+    )
+    # Predictions 0, 1, 0 against test labels 0, 2, 2: one right in three.
+    np.testing.assert_allclose(task.evaluate(params)["test_accuracy"], 1 / 3, rtol=1e-6)
+
+
+def test_mlp_loss_matches_numpy_forward_pass():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 40)).astype(np.float32), rng.integers(0, 10, 5)
+    task = mlp.task(_data(x, y, x, y))
+    params = task.init(jax.random.key(1))
+    h = x
+    layers = [params["params"][f"Dense_{i}"] for i in range(3)]
+    for layer in layers[:-1]:
+        h = np.maximum(h @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"]), 0.0)
+    logits = h @ np.asarray(layers[-1]["kernel"]) + np.asarray(layers[-1]["bias"])
+    np.testing.assert_allclose(
+        task.loss(params, (jnp.asarray(x), jnp.asarray(y))), _cross_entropy(logits, y), rtol=1e-4
+    )
+    expected = np.mean(np.argmax(logits, -1) == y)
+    np.testing.assert_allclose(task.evaluate(params)["test_accuracy"], expected)
+
+
+def _conv_stride2_pad1(h: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Direct loops: out[b, i, f] = sum_{k, c} pad(h)[b, 2 i + k, c] kernel[k, c, f] + bias."""
+    padded = np.pad(h, ((0, 0), (1, 1), (0, 0)))
+    width = kernel.shape[0]
+    length = (padded.shape[1] - width) // 2 + 1
+    out = np.zeros((h.shape[0], length, kernel.shape[2]))
+    for b in range(h.shape[0]):
+        for i in range(length):
+            for k in range(width):
+                out[b, i] += padded[b, 2 * i + k] @ kernel[k]
+    return out + bias
+
+
+def test_cnn_loss_matches_direct_convolution():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(3, 40)).astype(np.float32), rng.integers(0, 10, 3)
+    task = cnn.task(_data(x, y, x, y))
+    params = task.init(jax.random.key(2))["params"]
+    h = x[..., None]
+    for i, width in enumerate((5, 3, 3)):
+        layer = params[f"StridedConv_{i}"]["Dense_0"]
+        kernel = np.asarray(layer["kernel"]).reshape(width, h.shape[-1], 25)
+        h = np.maximum(_conv_stride2_pad1(h, kernel, np.asarray(layer["bias"])), 0.0)
+    assert h.shape == (3, 5, 25)  # the paper's 125 features
+    logits = h.reshape(3, -1) @ np.asarray(params["Dense_0"]["kernel"])
+    logits += np.asarray(params["Dense_0"]["bias"])
+    np.testing.assert_allclose(
+        task.loss({"params": params}, (jnp.asarray(x), jnp.asarray(y))),
+        _cross_entropy(logits, y),
+        rtol=1e-4,
+    )
+    expected = np.mean(np.argmax(logits, -1) == y)
+    np.testing.assert_allclose(task.evaluate({"params": params})["test_accuracy"], expected)
+
+
+def _with_head(params, kernel_value: float, bias: np.ndarray):
+    def replace(path, leaf):
+        names = [str(getattr(p, "key", p)) for p in path]
+        if "head" in names and "kernel" in names:
+            return jnp.full_like(leaf, kernel_value)
+        if "head" in names and "bias" in names:
+            return jnp.asarray(bias, leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(replace, params)
+
+
+def test_transformer_loss_by_hand():
+    task = transformer.task(vocab=4, length=5, width=8, heads=2, layers=1, test_sequences=16)
+    params = task.init(jax.random.key(0))
+    # A zero head: every position predicts log_softmax(bias), whatever the input.
+    q = np.array([0.1, 0.2, 0.3, 0.4])
+    params = _with_head(params, 0.0, np.log(q))
+    tokens = np.array([[0, 1, 2, 3, 3], [3, 3, 3, 3, 3]])
+    # Targets are tokens 1..4 of each sequence; per-sequence mean of -log q[target].
+    expected = [-np.mean(np.log(q[[1, 2, 3, 3]])), -np.log(0.4)]
+    np.testing.assert_allclose(task.loss(params, jnp.asarray(tokens)), expected, rtol=1e-5)
+    uniform = _with_head(params, 0.0, np.zeros(4))
+    np.testing.assert_allclose(task.evaluate(uniform)["test_loss"], np.log(4.0), rtol=1e-6)
+    assert task.sample(jax.random.key(1), 3).shape == (3, 5)
+
+
+def test_markov_entropy_rate_matches_numpy():
+    chain = markov.random_chain(vocab=5, concentration=0.7, seed=3)
+    p = chain.transition
+    # Stationary distribution by a linear solve: pi (P - I) = 0 with sum(pi) = 1.
+    a = np.vstack([(p - np.eye(5)).T, np.ones(5)])
+    pi = np.linalg.lstsq(a, np.r_[np.zeros(5), 1.0], rcond=None)[0]
+    np.testing.assert_allclose(chain.stationary, pi, atol=1e-10)
+    entropy = -sum(pi[i] * p[i, j] * math.log(p[i, j]) for i in range(5) for j in range(5))
+    np.testing.assert_allclose(markov.entropy_rate(chain), entropy, rtol=1e-10)
+    # It is the mean surprise of the true next-token distribution on sampled sequences.
+    tokens = np.asarray(markov.sample(chain, jax.random.key(0), 4000, 50))
+    surprise = -np.log(p[tokens[:, :-1], tokens[:, 1:]])
+    np.testing.assert_allclose(surprise.mean(), entropy, rtol=0.01)
+    # Sequences start from pi: token frequencies at any position follow pi.
+    np.testing.assert_allclose(np.bincount(tokens[:, 0], minlength=5) / 4000, pi, atol=0.03)
+
+
+def test_transformer_floor_is_its_chains_entropy_rate():
+    task = transformer.task(vocab=4, length=5, width=8, heads=2, layers=1, test_sequences=16)
+    chain = markov.random_chain(4, transformer.CONCENTRATION, transformer.CHAIN_SEED)
+    p, pi = chain.transition, chain.stationary
+    assert task.loss_floor == pytest.approx(-np.sum(pi[:, None] * p * np.log(p)))
+
+
+# --- Training ------------------------------------------------------------------------------
+
+
+def test_trainer_matches_a_python_loop_of_synchronous_sgd():
+    task = quadratic.task(dim=4, condition=10.0)
+    workers, steps, batch, lr = 8, 6, 3, 0.1
+
+    def make_tx(hp, seed):
+        return training.flying_squirrel(fsq.sgd(hp["learning_rate"]), workers, seed, **base.OFF)
+
+    outcome = training.train(
+        task,
+        make_tx,
+        grid={"learning_rate": (lr,)},
+        seeds=(5,),
+        steps=steps,
+        num_workers=workers,
+        batch_size=batch,
+        num_devices=8,
+    )
+    # The reference: the mean gradient of the workers' batches, one SGD step at a time.
+    _, data_key = jax.random.split(jax.random.key(5))
+    w, expected = np.zeros(4), []
+    for t in range(steps):
+        losses, grads = [], []
+        for i in range(workers):
+            x, y = map(
+                np.asarray,
+                task.sample(jax.random.fold_in(jax.random.fold_in(data_key, t), i), batch),
+            )
+            residual = x @ w - y
+            losses.append(np.mean(0.5 * residual**2))
+            grads.append(x.T @ residual / batch)
+        expected.append(np.mean(losses))
+        w = w - lr * np.mean(grads, axis=0)
+    np.testing.assert_allclose(outcome.losses[0, 0], expected, rtol=1e-4)
+    assert outcome.num_params == 4
+    assert outcome.staleness[0, 0] == 0.0
+
+
+def test_one_of_returns_the_chosen_update():
+    g = jnp.array([1.0, -2.0])
+    tx = base.one_of([fsq.sgd(0.1), fsq.sgd(1.0), optax.sign_sgd(0.5)], jnp.asarray(2))
+    u, _ = tx.update(g, tx.init(jnp.zeros(2)))
+    np.testing.assert_allclose(u, [-0.5, 0.5])
+
+    def chosen(index):
+        tx = base.one_of([fsq.sgd(0.1), fsq.sgd(1.0)], index)
+        return tx.update(g, tx.init(jnp.zeros(2)))[0]
+
+    np.testing.assert_allclose(
+        jax.vmap(chosen)(jnp.array([1, 0])), [[-1, 2], [-0.1, 0.2]], rtol=1e-6
+    )
+
+
+def test_learning_rate_grid_and_curve_summaries():
+    assert base.learning_rates(0.01, 5) == (0.001, 0.003, 0.01, 0.03, 0.1)
+    assert base.learning_rates(0.3, 2) == (0.1, 0.3)
+    losses = np.array([4.0, 3.0, 2.0, 1.0])
+    np.testing.assert_allclose(records.curve(losses, points=2), [3.5, 1.5])
+    assert records.steps_to(losses, 2.0) == 3  # windows of one step: the third step is at 2
+    assert records.final_loss(np.arange(20.0)) == 18.5  # the mean of the last 10%: 18, 19
+    assert records.has_diverged(np.array([1.0, np.nan]))
+    assert records.has_diverged(np.array([1.0, 2.0]))
+    assert not records.has_diverged(np.array([2.0, 1.0]))
+
+
+# --- Runner and report ---------------------------------------------------------------------
+
+FIELDS = set(records.Record._fields)
+
+
+def test_runner_quick_path_end_to_end(tmp_path):
+    path = main(["classic", "--tiny", "--out", str(tmp_path), "--devices", "8", "--no-progress"])
+    assert path == tmp_path / "report.md"
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["meta"]["scale"] == "tiny" and payload["meta"]["devices"] == 8
+    rows = payload["records"]
+    # 2 optimizers x 2 learning rates x 2 delay levels x 1 seed.
+    assert len(rows) == 8
+    for row in rows:
+        assert set(row) == FIELDS
+        assert row["study"] == "classic" and row["task"] == "quadratic"
+        assert row["method"] in ("sgd", "adam") and row["workers"] == 8
+        assert row["delay"] in ("none", "uniform(2)") and row["seed"] == 0
+        assert row["steps"] == 20 and len(row["curve"]) == 20
+        assert row["bytes_per_step"] == 4 * 20  # 20 float32 parameters, one channel
+        assert isinstance(row["diverged"], bool) and row["test_accuracy"] is None
+        assert row["loss_floor"] == 0.5 and row["test_loss"] >= 0.5
+        assert row["mean_staleness"] == 0.0 if row["delay"] == "none" else row["mean_staleness"] > 0
+    with (tmp_path / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and set(table[0]) == FIELDS - {"curve"}
+    text = path.read_text()
+    assert "## Classic catalogue" in text and "| sgd |" in text and "| adam |" in text
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert "classic_curves.png" in pngs
+    assert (tmp_path / "classic_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _record(**fields) -> records.Record:
+    defaults = {
+        "study": "classic",
+        "task": "mlp",
+        "method": "sgd",
+        "hyperparameters": {"learning_rate": 0.1, "max_delay": 0},
+        "workers": 8,
+        "delay": "none",
+        "seed": 0,
+        "steps": 100,
+        "final_train_loss": 1.0,
+        "test_loss": 1.5,
+        "test_accuracy": 0.5,
+        "loss_floor": None,
+        "diverged": False,
+        "bytes_per_step": 400,
+        "wall_seconds": 1.0,
+        "mean_staleness": 0.0,
+        "target_loss": None,
+        "steps_to_target": None,
+        "curve": [2.0, 1.5, 1.0],
+    }
+    return records.Record(**{**defaults, **fields})
+
+
+def _saved_results() -> list[records.Record]:
+    rows = []
+    for seed, accuracy in ((0, 0.5), (1, 0.7)):
+        for lr, bonus in ((0.1, 0.0), (0.3, -0.2)):
+            for delay, bound, factor in (("none", 0, 1.0), ("uniform(16)", 16, 0.5)):
+                rows.append(
+                    _record(
+                        seed=seed,
+                        test_accuracy=(accuracy + bonus) * factor,
+                        hyperparameters={"learning_rate": lr, "max_delay": bound},
+                        delay=delay,
+                    )
+                )
+    for seed, accuracy in ((0, 0.30), (1, 0.36)):
+        rows.append(
+            _record(
+                study="anchors", task="logistic", method="adam", seed=seed, test_accuracy=accuracy
+            )
+        )
+    for w, steps in ((1, 80), (2, 40), (4, 30)):
+        rows.append(
+            _record(
+                study="workers",
+                task="quadratic",
+                method="synchronous",
+                workers=w,
+                test_accuracy=None,
+                loss_floor=0.5,
+                target_loss=1.0,
+                steps_to_target=steps,
+                hyperparameters={"learning_rate": 0.1, "inner": "sgd", "max_delay": 0},
+            )
+        )
+    return rows
+
+
+def test_report_regenerated_from_json_is_deterministic(tmp_path):
+    records.write(_saved_results(), {"command": "test", "scale": "tiny", "devices": 8}, tmp_path)
+    first = report.write(tmp_path).read_text()
+    pngs = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    assert {"classic_curves.png", "workers.png", "bytes.png"} <= set(pngs)
+    second = report.write(tmp_path).read_text()
+    assert first == second
+    assert pngs == {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    # Numbers checked by hand. Classic, lr 0.1 is best: accuracies 50 and 70 -> 60 +- 10,
+    # delayed 25 and 35 -> 30 +- 5, 50% of synchronous.
+    assert "| sgd | 0.1 | 1 | 60.0 +- 10.0 | 30.0 +- 5.0 (50%) |" in first
+    # Anchors: 30 and 36 -> 33.0 +- 3.0, one point above the paper's 32.
+    assert "| logistic | 100 | 2 | 32 | 33.0 +- 3.0 | +1.0 | yes |" in first
+    # Workers: 80 / 40 = 2.00 at W = 2 (efficiency 1.00), 80 / 30 = 2.67 at W = 4 (0.67).
+    assert "| 2 | 0.1 | 40 | 2.00 | 1.00 |" in first
+    assert "| 4 | 0.1 | 30 | 2.67 | 0.67 |" in first
