@@ -111,6 +111,10 @@ class FlyingSquirrelState(NamedTuple):
     bytes_sent: jax.Array
 
 
+def _all_finite(tree: optax.Updates) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(tree)]))
+
+
 def _accumulation_dtype(params: optax.Params) -> jnp.dtype:
     # Sums of many low-precision gradients would lose their small terms: use at least f32.
     return jnp.result_type(jnp.float32, *[jnp.result_type(x) for x in jax.tree.leaves(params)])
@@ -390,16 +394,15 @@ def flying_squirrel(
         """One worker's message: its channels, scalars, (possibly clipped) delay, new
         residual and momentum, and the positions of a sparse message."""
         alive, share = live_share(step, worker)
+        # A non-finite gradient is rejected: sent as zeros (``wire.pack`` selects on
+        # ``finite``), counted, and kept out of the worker's momentum.
+        finite = _all_finite(updates)
         if worker_momentum is not None:  # the honest message, which an attacker corrupts
-            ok = alive & jnp.all(
-                jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)])
-            )
-            updates, velocity = with_momentum(updates, velocity, ok)
+            updates, velocity = with_momentum(updates, velocity, alive & finite)
         if fault_model is not None:
             key = _random.event_key(seed, _random.Stream.FAULT, step, worker)
             updates = fault_model.send(key, step, worker, updates)
-        # A non-finite gradient is sent as zeros: ``wire.pack`` selects on ``finite``.
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(updates)]))
+            finite = finite & _all_finite(updates)
         count = (finite & alive).astype(jnp.float32)
         bounded = jnp.float32(0)
         if max_staleness is not None:

@@ -205,6 +205,21 @@ def test_trainer_matches_a_python_loop_of_synchronous_sgd():
     assert outcome.staleness[0, 0] == 0.0
 
 
+def test_uniform_up_to_draws_fsq_uniform_delays():
+    keys = jax.random.split(jax.random.key(0), 3000)
+
+    def draws(model):
+        return np.asarray(jax.vmap(lambda k: model(k, 0, 0))(keys))
+
+    np.testing.assert_array_equal(
+        draws(training.UniformUpTo(4, bound=4)), draws(fsq.delays.uniform(4))
+    )
+    bounded = draws(training.UniformUpTo(4, bound=jnp.asarray(2)))
+    np.testing.assert_allclose(
+        np.bincount(bounded, minlength=5) / 3000, [1 / 3] * 3 + [0, 0], atol=0.03
+    )
+
+
 def test_one_of_returns_the_chosen_update():
     g = jnp.array([1.0, -2.0])
     tx = base.one_of([fsq.sgd(0.1), fsq.sgd(1.0), optax.sign_sgd(0.5)], jnp.asarray(2))
@@ -225,7 +240,9 @@ def test_learning_rate_grid_and_curve_summaries():
     assert base.learning_rates(0.3, 2) == (0.1, 0.3)
     losses = np.array([4.0, 3.0, 2.0, 1.0])
     np.testing.assert_allclose(records.curve(losses, points=2), [3.5, 1.5])
-    assert records.steps_to(losses, 2.0) == 3  # windows of one step: the third step is at 2
+    # Four evaluations over 8 steps (after steps 2, 4, 6, 8): the third is at 2.
+    assert records.steps_to(losses, 8, 2.0) == 6
+    assert records.steps_to(losses, 8, 0.5) is None
     assert records.final_loss(np.arange(20.0)) == 18.5  # the mean of the last 10%: 18, 19
     assert records.has_diverged(np.array([1.0, np.nan]))
     assert records.has_diverged(np.array([1.0, 2.0]))
@@ -250,14 +267,15 @@ def test_runner_quick_path_end_to_end(tmp_path):
         assert row["study"] == "classic" and row["task"] == "quadratic"
         assert row["method"] in ("sgd", "adam") and row["workers"] == 8
         assert row["delay"] in ("none", "uniform(2)") and row["seed"] == 0
-        assert row["steps"] == 20 and len(row["curve"]) == 20
+        assert row["steps"] == 20 and len(row["curve"]) == 20 and row["test_curve"] is None
+        assert row["hyperparameters"]["batch_size"] == 4
         assert row["bytes_per_step"] == 4 * 20  # 20 float32 parameters, one channel
         assert isinstance(row["diverged"], bool) and row["test_accuracy"] is None
         assert row["loss_floor"] == 0.5 and row["test_loss"] >= 0.5
         assert row["mean_staleness"] == 0.0 if row["delay"] == "none" else row["mean_staleness"] > 0
     with (tmp_path / "results.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 8 and set(table[0]) == FIELDS - {"curve"}
+    assert len(table) == 8 and set(table[0]) == FIELDS - {"curve", "test_curve"}
     text = path.read_text()
     assert "## Classic catalogue" in text and "| sgd |" in text and "| adam |" in text
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
@@ -270,7 +288,7 @@ def _record(**fields) -> records.Record:
         "study": "classic",
         "task": "mlp",
         "method": "sgd",
-        "hyperparameters": {"learning_rate": 0.1, "max_delay": 0},
+        "hyperparameters": {"learning_rate": 0.1, "max_delay": 0, "batch_size": 16},
         "workers": 8,
         "delay": "none",
         "seed": 0,
@@ -286,6 +304,7 @@ def _record(**fields) -> records.Record:
         "target_loss": None,
         "steps_to_target": None,
         "curve": [2.0, 1.5, 1.0],
+        "test_curve": None,
     }
     return records.Record(**{**defaults, **fields})
 
@@ -299,7 +318,7 @@ def _saved_results() -> list[records.Record]:
                     _record(
                         seed=seed,
                         test_accuracy=(accuracy + bonus) * factor,
-                        hyperparameters={"learning_rate": lr, "max_delay": bound},
+                        hyperparameters={"learning_rate": lr, "max_delay": bound, "batch_size": 16},
                         delay=delay,
                     )
                 )
@@ -320,7 +339,7 @@ def _saved_results() -> list[records.Record]:
                 loss_floor=0.5,
                 target_loss=1.0,
                 steps_to_target=steps,
-                hyperparameters={"learning_rate": 0.1, "inner": "sgd", "max_delay": 0},
+                hyperparameters={"learning_rate": 0.1, "max_delay": 0, "batch_size": 1},
             )
         )
     return rows

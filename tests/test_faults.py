@@ -205,6 +205,31 @@ def test_median_and_trimmed_mean_match_numpy(seed):
     np.testing.assert_array_equal(nobody, np.zeros(17))
 
 
+def numpy_centered_clip(votes, iterations):
+    center = np.median(votes, axis=0)
+    for _ in range(iterations):
+        offsets = votes - center
+        distances = np.linalg.norm(offsets, axis=1)
+        radius = np.median(distances)
+        scale = np.minimum(1, radius / np.maximum(distances, 1e-30))
+        center = center + (offsets * scale[:, None]).mean(axis=0)
+    return center
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_centered_clipping_matches_numpy_and_bounds_an_outlier(seed):
+    rng = np.random.default_rng(seed)
+    votes = rng.normal(size=(9, 17)).astype(np.float32)
+    votes[2] = 1000.0  # a Byzantine vote
+    present = rng.random(9) < 0.8
+    present[[2, 3, 4]] = True
+    rule = fsq.aggregation.centered_clip(iterations=2)
+    got = rule.reduce(jnp.asarray(votes), jnp.asarray(present))
+    want = numpy_centered_clip(votes[present].astype(np.float64), 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(got)).max() < 3  # the outlier moved the center by < radius
+
+
 @pytest.mark.parametrize(
     "aggregation, reduce",
     [
@@ -275,6 +300,12 @@ def test_robust_aggregation_is_the_same_on_every_layout(backend, num_devices):
         (lambda: fsq.faults.byzantine([0], attack="lie"), ValueError, "attack"),
         (lambda: fsq.aggregation.trimmed_mean(0.5), ValueError, "trim"),
         (lambda: fsq.aggregation.resolve("krum"), ValueError, "aggregation"),
+        (lambda: fsq.aggregation.centered_clip(0), ValueError, "iterations"),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, worker_momentum=1.0),
+            ValueError,
+            "worker_momentum",
+        ),
         (
             lambda: fsq.flying_squirrel(
                 fsq.sgd(1.0), num_workers=4, faults=fsq.faults.crash([4], 1)
@@ -298,3 +329,21 @@ def test_robust_init_outside_the_mapped_context_raises():
     tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, delay=1, aggregation="median")
     with pytest.raises(ValueError, match="not bound"):
         tx.init(jnp.zeros(3))
+
+
+def test_worker_momentum_matches_numpy_and_ignores_non_finite_gradients():
+    beta, steps = 0.7, 6
+    grads = np.random.default_rng(3).normal(size=(steps, W, DIM)).astype(np.float32)
+    grads[2, 1, 0] = np.nan  # rejected: worker 1 neither sends nor updates its momentum
+    tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=W, worker_momentum=beta, **PLAIN)
+    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name="workers")
+    update = jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name="workers")
+    state, params = init(jnp.zeros(DIM)), jnp.zeros(DIM)
+    velocity = np.zeros((W, DIM))
+    for t in range(steps):
+        u, state = update(jnp.asarray(grads[t]), state, params)
+        ok = np.isfinite(grads[t]).all(axis=1)
+        velocity[ok] = beta * velocity[ok] + (1 - beta) * grads[t][ok]
+        np.testing.assert_allclose(u, -velocity[ok].sum(0) / W, rtol=1e-5, atol=1e-6)
+        assert np.all(np.isfinite(np.asarray(state.worker_momentum.rows)))
+    assert int(state.rejected) == 0 and not np.allclose(velocity[1], velocity[0])

@@ -20,6 +20,14 @@ rule reduces the votes of the :math:`n` workers with a delivery, coordinate-wise
   values of each coordinate, average the rest (same paper). Resists a fraction
   :math:`\beta < 1/2` of bad votes and is less noisy than the median when all are
   honest; ``trim=0`` is the plain mean of the votes.
+- ``centered_clip(iterations)`` — centered clipping (Karimireddy, He and Jaggi, *Learning
+  from History for Byzantine Robust Optimization*, ICML 2021): from the coordinate-wise
+  median :math:`c`, repeat :math:`c \leftarrow c + \frac1n \sum_i (v_i - c)
+  \min(1, \tau / \lVert v_i - c \rVert)` with the radius :math:`\tau` the median of the
+  distances :math:`\lVert v_i - c \rVert`: each vote moves the center by at most
+  :math:`\tau / n`, and honest votes near the center count fully, so it is nearly as
+  efficient as the mean. Best with ``worker_momentum``, which concentrates honest votes.
+  :math:`O(L W P)` per step.
 
 The reduced vote :math:`c` stands for every delivered gradient: the aggregate passed on
 is :math:`c \sum_{i,s} \alpha_{i,s}`. Each worker counts once per step, so
@@ -51,9 +59,18 @@ import jax.numpy as jnp
 
 from fsq import _checks
 
-__all__ = ["RULES", "Aggregation", "aggregate", "mean", "median", "trimmed_mean", "resolve"]
+__all__ = [
+    "RULES",
+    "Aggregation",
+    "aggregate",
+    "centered_clip",
+    "mean",
+    "median",
+    "resolve",
+    "trimmed_mean",
+]
 
-RULES = ("mean", "median", "trimmed_mean")
+RULES = ("mean", "median", "trimmed_mean", "centered_clip")
 
 
 class Aggregation(NamedTuple):
@@ -62,10 +79,12 @@ class Aggregation(NamedTuple):
     Attributes:
       name: one of :data:`RULES`.
       trim: for ``"trimmed_mean"``, the fraction :math:`\beta \in [0, 1/2)` cut at each end.
+      iterations: for ``"centered_clip"``, the clipping iterations :math:`L \ge 1`.
     """
 
     name: str
     trim: float = 0.0
+    iterations: int = 3
 
     @property
     def per_worker(self) -> bool:
@@ -79,17 +98,39 @@ class Aggregation(NamedTuple):
         Returns zeros where no worker is present.
         """
         count = jnp.sum(present.astype(jnp.int32))
-        # Absent votes sort last, so the present ones are the first `count` of each column.
-        ordered = jnp.sort(jnp.where(present[:, None], votes, jnp.inf), axis=0)
+        if self.name == "centered_clip":
+            return _centered_clip(votes, present, count, self.iterations)
+        ordered = _ordered(votes, present)
         if self.name == "median":
-            low = jnp.take(ordered, jnp.maximum(count - 1, 0) // 2, axis=0)
-            high = jnp.take(ordered, count // 2, axis=0, mode="clip")
-            return jnp.where(count > 0, (low + high) / 2, 0)
+            return _median(ordered, count)
         cut = jnp.floor(self.trim * count.astype(jnp.float32)).astype(jnp.int32)
         rank = jnp.arange(votes.shape[0])[:, None]
         kept = (rank >= cut) & (rank < count - cut)
         total = jnp.sum(jnp.where(kept, ordered, 0), axis=0)
         return total / jnp.maximum(count - 2 * cut, 1).astype(votes.dtype)
+
+
+def _ordered(votes: jax.Array, present: jax.Array) -> jax.Array:
+    # Absent votes sort last, so the present ones are the first `count` of each column.
+    return jnp.sort(jnp.where(present[:, None], votes, jnp.inf), axis=0)
+
+
+def _median(ordered: jax.Array, count: jax.Array) -> jax.Array:
+    low = jnp.take(ordered, jnp.maximum(count - 1, 0) // 2, axis=0)
+    high = jnp.take(ordered, count // 2, axis=0, mode="clip")
+    return jnp.where(count > 0, (low + high) / 2, 0)
+
+
+def _centered_clip(votes, present, count, iterations):
+    """Centered clipping from the coordinate-wise median, radius the median distance."""
+    center = _median(_ordered(votes, present), count)
+    for _ in range(iterations):
+        offsets = jnp.where(present[:, None], votes - center, 0)
+        distances = jnp.sqrt(jnp.sum(offsets * offsets, axis=1))
+        radius = _median(_ordered(distances[:, None], present), count)[0]
+        scale = jnp.minimum(1, radius / jnp.maximum(distances, 1e-30))
+        center = center + jnp.sum(offsets * scale[:, None], axis=0) / jnp.maximum(count, 1)
+    return center
 
 
 def aggregate(rule: Aggregation, sums: jax.Array, weights: jax.Array) -> jax.Array:
@@ -118,11 +159,22 @@ def trimmed_mean(trim: float = 0.25) -> Aggregation:
     return Aggregation("trimmed_mean", float(trim))
 
 
+def centered_clip(iterations: int = 3) -> Aggregation:
+    """Centered clipping with an adaptive radius, ``iterations`` >= 1 rounds."""
+    return Aggregation("centered_clip", iterations=_checks.integer("iterations", iterations, 1))
+
+
 def resolve(aggregation: str | Aggregation | None) -> Aggregation:
     """``None`` or ``"mean"``, ``"median"``, ``"trimmed_mean"`` (trim 0.25), or a rule."""
     if isinstance(aggregation, Aggregation):
         return aggregation
-    named = {None: mean, "mean": mean, "median": median, "trimmed_mean": trimmed_mean}
+    named = {
+        None: mean,
+        "mean": mean,
+        "median": median,
+        "trimmed_mean": trimmed_mean,
+        "centered_clip": centered_clip,
+    }
     if isinstance(aggregation, str | None) and aggregation in named:
         return named[aggregation]()
     raise ValueError(
