@@ -8,25 +8,16 @@ from __future__ import annotations
 import json
 import pathlib
 
+from experiments import tables
+
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def markdown(rows: list[dict]) -> str:
-    columns = list(rows[0])
-
-    def cell(value) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:
     for path in sorted(RESULTS.glob("*.json")):
         payload = json.loads(path.read_text())
         print(f"### {path.stem} ({payload['device']}, jax {payload['jax']})\n")
-        print(markdown(payload["rows"]) + "\n")
+        print(tables.markdown(payload["rows"]) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from experiments import tables
+
 
 def median_seconds(
     candidates: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3
@@ -28,14 +30,7 @@ def median_seconds(
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = list(rows[0])
-    text = [
-        [f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows
-    ]
-    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for t in text:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
+    print(tables.text(rows))
 
 
 def save(name: str, payload: dict) -> pathlib.Path:

@@ -36,12 +36,15 @@ html_title = "fsq — Flying Squirrel"
 
 
 def link_study_reports(app: Sphinx, docname: str, source: list[str]) -> None:
-    """Lists the checked-in study reports (``studies/*.md``) at the end of the results page.
+    """Lists the checked-in study reports (``studies/**/*.md``) at the end of the results page.
 
     The results page is rewritten as the studies are rerun, so the list is added when it
     is read rather than written into it; with no report there is nothing to add.
     """
-    reports = sorted(path.stem for path in (DOCS / "studies").glob("*.md"))
+    studies = DOCS / "studies"
+    reports = sorted(
+        p.relative_to(studies).with_suffix("").as_posix() for p in studies.rglob("*.md")
+    )
     if docname == "results" and reports:
         entries = "\n".join(f"studies/{name}" for name in reports)
         source[0] += f"\n\n```{{toctree}}\n:caption: Studies\n\n{entries}\n```\n"

@@ -1,10 +1,9 @@
-"""MNIST-1D (Greydanus 2020), generated offline, and a Flax Linen MLP trained per worker.
+"""MNIST-1D (Greydanus 2020), generated offline: data, the paper's MLP, the classifier task.
 
 The data set is made locally with ``mnist1d.data.make_dataset`` (its ``get_dataset``
-downloads, which this project never does). Training runs ``W`` workers under one
-``jax.vmap`` per seed and all seeds under another ``jax.vmap``, the whole run inside one
-``jax.lax.scan``: a study of many seeds and configurations compiles once per
-configuration and runs at the speed of the hardware.
+downloads, which this project never does). :func:`classifier` turns any Flax Linen model
+into a :class:`experiments.tasks.Task` on it; :func:`train` trains the MLP with a Flying
+Squirrel for several seeds in one program (:func:`experiments.training.train`).
 """
 
 from __future__ import annotations
@@ -18,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from experiments import training
+from experiments.tasks.base import Task
 
 
 class Dataset(NamedTuple):
@@ -64,6 +66,57 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def classifier(
+    name: str, model: nn.Module, data: Dataset | None = None, label_sorted: bool = False
+) -> Task:
+    """Softmax cross-entropy of a Linen ``model`` on MNIST-1D (:func:`load` by default).
+
+    Minibatches are drawn uniformly with replacement from the 4000 training examples; the
+    metrics are on the 1000 test examples. With ``label_sorted``, the training set is
+    sorted by label and cut into ``num_workers`` contiguous shards, one per worker (so
+    with 8 workers each sees 1-2 classes), the classic non-i.i.d. split.
+    """
+    data = load() if data is None else data
+    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+    def init(key):
+        return model.init(key, x[:1])
+
+    def sample(key, size):
+        rows = jax.random.randint(key, (size,), 0, x.shape[0])
+        return x[rows], y[rows]
+
+    by_label = jnp.argsort(y, stable=True)
+
+    def sample_shard(key, size, worker, num_workers):
+        start = worker * x.shape[0] // num_workers
+        stop = (worker + 1) * x.shape[0] // num_workers
+        rows = by_label[jax.random.randint(key, (size,), start, stop)]
+        return x[rows], y[rows]
+
+    def loss(params, batch):
+        inputs, labels = batch
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(params, inputs), labels)
+
+    def evaluate(params):
+        logits = model.apply(params, x_test)
+        return {
+            "test_loss": cross_entropy(logits, y_test),
+            "test_accuracy": accuracy(logits, y_test),
+        }
+
+    return Task(
+        name,
+        init,
+        loss,
+        sample,
+        evaluate,
+        "test_accuracy",
+        sample_shard=sample_shard if label_sorted else None,
+    )
+
+
 class Result(NamedTuple):
     """Per seed: mean train loss of the last 10% of steps, and final test accuracy."""
 
@@ -89,59 +142,19 @@ def train(
     per step with replacement from a key of ``(seed, step, worker)``; smaller batches are
     masked to a common shape.
     """
-    model = MLP()
-    x, y = jnp.asarray(data.x), jnp.asarray(data.y)
-    sizes = jnp.asarray(
-        worker_batch_sizes if worker_batch_sizes is not None else [batch_per_worker] * num_workers
+    outcome = training.train(
+        classifier("mlp", MLP(), data),
+        lambda hyperparameters, seed: make_tx(seed),
+        grid={},
+        seeds=seeds,
+        steps=steps,
+        num_workers=num_workers,
+        batch_size=batch_per_worker,
+        worker_batch_sizes=worker_batch_sizes,
     )
-    width = int(max(worker_batch_sizes or [batch_per_worker]))
-
-    def loss_fn(params, xb, yb, mask):
-        losses = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, xb), yb)
-        return jnp.sum(losses * mask) / jnp.sum(mask)
-
-    def one_seed(seed):
-        tx = make_tx(seed)
-        init_key, data_key = jax.random.split(jax.random.key(seed))
-        params = model.init(init_key, x[:1])
-
-        def worker(params, state, step):
-            index = jax.lax.axis_index("workers")
-            batch_key = jax.random.fold_in(jax.random.fold_in(data_key, step), index)
-            rows = jax.random.randint(batch_key, (width,), 0, x.shape[0])
-            mask = (jnp.arange(width) < sizes[index]).astype(jnp.float32)
-            loss, grads = jax.value_and_grad(loss_fn)(params, x[rows], y[rows], mask)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-        step_all = jax.vmap(
-            worker,
-            in_axes=(None, None, None),
-            out_axes=(None, None, 0),
-            axis_size=num_workers,
-            axis_name="workers",
-        )
-        init = jax.vmap(
-            tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name="workers"
-        )
-
-        def body(carry, step):
-            params, state, losses = step_all(*carry, step)
-            return (params, state), (
-                losses.mean(),
-                state.staleness * state.delivered,
-                state.delivered,
-            )
-
-        (params, _), (losses, stale, delivered) = jax.lax.scan(
-            body, (params, init(params)), jnp.arange(steps)
-        )
-        tail = max(1, steps // 10)
-        logits = model.apply(params, jnp.asarray(data.x_test))
-        return Result(
-            jnp.mean(losses[-tail:]),
-            accuracy(logits, jnp.asarray(data.y_test)),
-            jnp.sum(stale) / jnp.maximum(jnp.sum(delivered), 1),
-        )
-
-    return jax.jit(jax.vmap(one_seed))(jnp.asarray(seeds, jnp.int32))
+    tail = max(1, steps // 10)
+    return Result(
+        outcome.losses[..., -tail:].mean(-1),
+        outcome.metrics["test_accuracy"],
+        outcome.staleness,
+    )

@@ -337,9 +337,9 @@ def flying_squirrel(
         empty = optax.EmptyState()
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
-            in_flight=delivery.init(model.max_delay, width, _accumulation_dtype(params)),
+            in_flight=delivery.init(model.max_delay, width, dtype),
             inner_state=inner.init(params),
-            compensation=optax.EmptyState() if config is None else dc.init(config, params),
+            compensation=empty if config is None else dc.init(config, params),
             delivered=jnp.zeros([], jnp.int32),
             staleness=jnp.zeros([], jnp.float32),
             bounded=jnp.zeros([], jnp.int32),

@@ -1,0 +1,129 @@
+"""staleness: test metric against the delay, for plain asynchronous training and fsq's techniques.
+
+The coordination protocol: per task and inner optimizer, tune the learning rate for
+synchronous training, freeze it, then add uniform delays without retuning. Methods: plain
+asynchronous training (every extra off), delay compensation alone (DC-ASGD-a), the
+weighted-step staleness rule alone, and Flying Squirrel's default (both). All delay
+levels of a method are one program (one in-flight buffer sized for the largest).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from experiments import records, tasks, training
+from experiments.studies import base
+
+NAME = "staleness"
+WORKERS = 8
+METHODS: dict[str, dict[str, Any]] = {
+    "plain async": base.OFF,
+    "DC-ASGD-a": {**base.OFF, "compensation": "adaptive"},
+    "weighted step": {**base.OFF, "staleness": "weighted_step"},
+    "flying squirrel": {},  # the defaults: weighted step + DC-ASGD-a
+}
+
+
+class Size(NamedTuple):
+    """Per scale: ``{task: (steps, batch per worker)}``, inners, methods, delays, rates, seeds."""
+
+    tasks: dict[str, tuple[int, int]]
+    inners: tuple[str, ...]
+    methods: tuple[str, ...]
+    delays: tuple[int, ...]
+    rates: int
+    seeds: int
+
+
+SIZES = {
+    "full": Size(
+        {"mlp": (800, 16), "transformer": (300, 4)},
+        ("momentum", "adam"),
+        tuple(METHODS),
+        (4, 16, 64),
+        5,
+        2,
+    ),
+    "quick": Size(
+        {"mlp": (600, 16)}, ("momentum",), ("plain async", "flying squirrel"), (4, 16, 64), 3, 2
+    ),
+    "tiny": Size(
+        {"quadratic": (20, 4)}, ("momentum",), ("plain async", "flying squirrel"), (2,), 2, 1
+    ),
+}
+
+
+def run(settings: base.Settings) -> list[records.Record]:
+    """Runs the study at ``settings.scale``; returns one record per run."""
+    size = SIZES[settings.scale]
+    out = []
+    configs = [(t, i) for t in size.tasks for i in size.inners]
+    for task_name, inner in base.progress(configs, settings, NAME):
+        task = tasks.get(task_name)
+        tuning = synchronous(task, inner, size, settings)
+        out += tuning
+        learning_rate = records.best_rate(tuning)
+        for method in size.methods:
+            out += delayed(task, inner, learning_rate, method, size, settings)
+    return out
+
+
+def train(task, make_tx, grid, size: Size, settings: base.Settings) -> training.Outcome:
+    steps, batch = size.tasks[task.name]
+    return training.train(
+        task,
+        make_tx,
+        grid=grid,
+        seeds=settings.seeds_or(size.seeds),
+        steps=steps,
+        num_workers=WORKERS,
+        batch_size=batch,
+        num_devices=settings.num_devices,
+    )
+
+
+def synchronous(task, inner: str, size: Size, settings: base.Settings) -> list[records.Record]:
+    """The learning-rate sweep of synchronous training."""
+
+    def make_tx(hp, seed):
+        optimizer = base.catalogue_optimizer(inner, hp["learning_rate"])
+        return training.flying_squirrel(optimizer, WORKERS, seed, **base.OFF)
+
+    rates = base.learning_rates(base.CATALOGUE[inner][1], size.rates)
+    outcome = train(task, make_tx, {"learning_rate": rates}, size, settings)
+    return records.from_outcome(
+        outcome,
+        task,
+        study=NAME,
+        workers=WORKERS,
+        describe=lambda values: records.Run(
+            base.SYNCHRONOUS_METHOD, {"inner": inner, **values}, base.SYNCHRONOUS
+        ),
+    )
+
+
+def delayed(
+    task, inner: str, learning_rate: float, method: str, size: Size, settings: base.Settings
+) -> list[records.Record]:
+    """``method`` at the frozen ``learning_rate``, every delay level in one program."""
+    options = METHODS[method]
+
+    def make_tx(hp, seed):
+        optimizer = base.catalogue_optimizer(inner, learning_rate)
+        delay = training.UniformUpTo(max(size.delays), bound=hp["max_delay"])
+        return training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **options)
+
+    channels = 1 if options.get("compensation", "adaptive") is None else 3
+    outcome = train(task, make_tx, {"max_delay": size.delays}, size, settings)
+    return records.from_outcome(
+        outcome,
+        task,
+        study=NAME,
+        workers=WORKERS,
+        describe=lambda values: records.Run(
+            method,
+            {"inner": inner, "learning_rate": learning_rate, **values},
+            base.delay_label(values["max_delay"]),
+            channels,
+        ),
+    )

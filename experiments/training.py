@@ -1,0 +1,219 @@
+"""The training loop of every study: runs x workers x steps in one compiled program.
+
+A study compares many runs (a grid of hyperparameters x seeds) of one configuration.
+Here they are all one program: ``jax.vmap`` over runs, ``jax.lax.scan`` over steps, and
+per step the ``W`` workers under ``jax.vmap`` (``W / D`` per device) inside
+``jax.shard_map`` over ``D`` devices, bound to the axes of :data:`fsq.parallel.AXIS_NAME`,
+so a Flying Squirrel built with ``axis_name=fsq.parallel.AXIS_NAME`` exchanges its rows
+with one all-reduce per step, as in a real data-parallel job. It compiles once per
+configuration and runs at the speed of the hardware.
+
+Every random choice is a pure function of the run's seed: the initial parameters, and
+worker ``i``'s minibatch at step ``t`` from ``fold_in(fold_in(data_key, t), i)``, so a
+run gives the same numbers however the workers are laid out on devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+import fsq
+from experiments.tasks.base import Task
+
+Hyperparameters = dict[str, jax.Array]
+MakeTx = Callable[[Hyperparameters, jax.Array], optax.GradientTransformation]
+
+
+class Outcome(NamedTuple):
+    """What the runs of one :func:`train` call produced.
+
+    Arrays are indexed ``[*grid, seed]``: one axis per hyperparameter of ``grid`` (in
+    order), then the seed.
+
+    Attributes:
+      grid: the swept hyperparameters, ``{name: values}``.
+      seeds: the seeds.
+      losses: ``[*grid, seed, steps]`` mean training loss over the workers at each step
+        (at the parameters before that step's update).
+      metrics: ``{name: [*grid, seed]}``, the task's ``evaluate`` at the final parameters.
+      test_curve: ``[*grid, seed, test_points]`` test loss after each ``steps /
+        test_points`` steps, or ``None`` when not asked for.
+      staleness: ``[*grid, seed]`` mean staleness of the delivered gradients, in steps.
+      num_params: parameters of the model.
+      batch_size: examples per worker and step (the largest, with per-worker sizes).
+      wall_seconds: wall time of the whole program (compilation included).
+    """
+
+    grid: dict[str, tuple[float, ...]]
+    seeds: tuple[int, ...]
+    losses: np.ndarray
+    metrics: dict[str, np.ndarray]
+    test_curve: np.ndarray | None
+    staleness: np.ndarray
+    num_params: int
+    batch_size: int
+    wall_seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UniformUpTo(fsq.delays.DelayModel):
+    """Delays uniform over ``0 .. bound`` with a traced ``bound <= max_delay``.
+
+    Every run of a program shares the in-flight buffer of ``max_delay`` rows, so runs with
+    different delay levels are one program. With ``bound == max_delay`` the delays are
+    exactly those of ``fsq.delays.uniform(max_delay)`` (the same draws). It has no
+    ``mean_delay`` (it would be traced): a rule that needs one at construction, such as
+    ``staleness="delay_adaptive"``, needs a fixed model.
+    """
+
+    bound: jax.Array | int = 0
+
+    def __call__(self, key, step, worker):
+        del step, worker
+        logits = jnp.where(jnp.arange(self.max_delay + 1) <= self.bound, 0.0, -jnp.inf)
+        return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def flying_squirrel(
+    inner: optax.GradientTransformation, num_workers: int, seed: jax.Array, **kwargs
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`fsq.flying_squirrel` on the trainer's worker axes (the layout of ``fsq.parallel``)."""
+    return fsq.flying_squirrel(
+        inner, num_workers=num_workers, axis_name=fsq.parallel.AXIS_NAME, seed=seed, **kwargs
+    )
+
+
+def train(
+    task: Task,
+    make_tx: MakeTx,
+    *,
+    grid: Mapping[str, Sequence[float]],
+    seeds: Sequence[int],
+    steps: int,
+    num_workers: int,
+    batch_size: int,
+    worker_batch_sizes: Sequence[int] | None = None,
+    num_devices: int = 1,
+    test_points: int = 0,
+) -> Outcome:
+    """Trains ``task`` with ``make_tx(hyperparameters, seed)`` at every grid point and seed.
+
+    Args:
+      task: the task.
+      make_tx: builds the per-worker transformation, a Flying Squirrel over
+        :data:`fsq.parallel.AXIS_NAME` (see :func:`flying_squirrel`; over the inner
+        ``"workers"`` axis alone works too when one device is used), from the run's
+        hyperparameters ``{name: traced scalar}`` and its traced seed, so that one
+        compilation serves every run.
+      grid: ``{name: values}``; every combination is run (``{}``: one run per seed).
+      seeds: the seeds of the runs (initialization, data, delays).
+      steps: logical steps (every worker computes one gradient per step).
+      num_workers: ``W``.
+      batch_size: examples per worker and step.
+      worker_batch_sizes: per-worker batch sizes instead (load balancing); smaller batches
+        are masked to the largest.
+      num_devices: devices to spread the workers over: ``gcd(W, num_devices)`` are used.
+      test_points: evaluate the test loss this many times, evenly (``steps`` must be a
+        multiple); 0 for only at the end. Every device evaluates every run: worth it for
+        small test sets (the quadratic's is closed form).
+
+    Returns:
+      An :class:`Outcome`.
+    """
+    mesh = fsq.parallel.make_mesh(math.gcd(num_workers, num_devices))
+    local = num_workers // mesh.devices.size
+    sizes = [batch_size] * num_workers if worker_batch_sizes is None else list(worker_batch_sizes)
+    width, sizes = max(sizes), jnp.asarray(sizes)
+    names = tuple(grid)
+
+    def mean_loss(params, batch, mask):
+        return jnp.sum(task.loss(params, batch) * mask) / jnp.sum(mask)
+
+    def one_run(values, seed):
+        tx = make_tx(dict(zip(names, values, strict=True)), seed)
+        init_key, data_key = jax.random.split(jax.random.key(seed))
+        params = task.init(init_key)
+
+        def worker(params, state, step):
+            device = jax.lax.axis_index(fsq.parallel.DEVICE_AXIS)
+            index = device * local + jax.lax.axis_index(fsq.parallel.WORKER_AXIS)
+            key = jax.random.fold_in(jax.random.fold_in(data_key, step), index)
+            mask = (jnp.arange(width) < sizes[index]).astype(jnp.float32)
+            if task.sample_shard is None:
+                batch = task.sample(key, width)
+            else:
+                batch = task.sample_shard(key, width, index, num_workers)
+            loss, grads = jax.value_and_grad(mean_loss)(params, batch, mask)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        workers = {"axis_size": local, "axis_name": fsq.parallel.WORKER_AXIS}
+        step_all = jax.vmap(worker, in_axes=(None, None, None), out_axes=(None, None, 0), **workers)
+        init = jax.vmap(tx.init, in_axes=None, out_axes=None, **workers)
+
+        def body(carry, step):
+            params, state, losses = step_all(*carry, step)
+            delivered = optax.tree.get(state, "delivered")
+            stale = optax.tree.get(state, "staleness") * delivered
+            return (params, state), (losses.mean(), stale, delivered)
+
+        def chunk(carry, chunk_steps):
+            carry, outputs = jax.lax.scan(body, carry, chunk_steps)
+            test_loss = task.evaluate(carry[0])["test_loss"] if test_points else jnp.zeros(())
+            return carry, (outputs, test_loss)
+
+        chunks = jnp.arange(steps).reshape(max(test_points, 1), -1)
+        (params, _), ((losses, stale, delivered), test_curve) = jax.lax.scan(
+            chunk, (params, init(params)), chunks
+        )
+        staleness = jnp.sum(stale) / jnp.maximum(jnp.sum(delivered), 1)
+        return params, losses.reshape(-1), test_curve, staleness
+
+    def on_device(values, seeds):
+        params, losses, test_curve, staleness = jax.vmap(one_run)(values, seeds)
+        return params, losses[None], test_curve, staleness  # losses: this device's workers
+
+    @jax.jit
+    def program(values, seeds):
+        params, losses, test_curve, staleness = jax.shard_map(
+            on_device,
+            mesh=mesh,
+            in_specs=P(),
+            out_specs=(P(), P(fsq.parallel.DEVICE_AXIS), P(), P()),
+            check_vma=False,
+        )(values, seeds)
+        # One run at a time: a test set evaluated by every run at once can take gigabytes.
+        return losses.mean(0), jax.lax.map(task.evaluate, params), test_curve, staleness
+
+    points = list(itertools.product(*grid.values(), seeds))
+    values = [jnp.asarray([p[i] for p in points]) for i in range(len(names))]
+    run_seeds = jnp.asarray([p[-1] for p in points], jnp.int32)
+    start = time.perf_counter()
+    if test_points and steps % test_points:
+        raise ValueError(f"steps={steps} must be a multiple of test_points={test_points}")
+    losses, metrics, test_curve, staleness = jax.device_get(program(values, run_seeds))
+    wall = time.perf_counter() - start
+    shape = (*(len(v) for v in grid.values()), len(seeds))
+    params = jax.eval_shape(task.init, jax.random.key(0))
+    return Outcome(
+        {name: tuple(v) for name, v in grid.items()},
+        tuple(seeds),
+        np.asarray(losses).reshape(*shape, steps),
+        {name: np.asarray(v).reshape(shape) for name, v in metrics.items()},
+        np.asarray(test_curve).reshape(*shape, -1) if test_points else None,
+        np.asarray(staleness).reshape(shape),
+        sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        width,
+        wall,
+    )
