@@ -17,6 +17,7 @@ import pytest
 import fsq
 from fsq import delays
 from fsq.transforms import compensation, staleness
+from tests import simulation
 
 W, DIM, STEPS, LR = 4, 3, 25, 0.2
 RNG = np.random.default_rng(1)
@@ -92,24 +93,7 @@ def simulate(inner=None, **kwargs):
     inner = fsq.sgd(LR) if inner is None else inner
     tx = fsq.flying_squirrel(inner, num_workers=W, delay=delays.trace(TABLE), **kwargs)
     data = (jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32))
-
-    def worker(params, state, shard):
-        updates, state = tx.update(jax.grad(loss)(params, shard), state, params)
-        return optax.apply_updates(params, updates), state
-
-    step = jax.vmap(worker, in_axes=(None, None, 0), out_axes=None, axis_name="workers")
-    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name="workers")
-
-    @jax.jit
-    def run(params):
-        def body(carry, _):
-            params, state = step(*carry, data)
-            return (params, state), (params, state.bounded)
-
-        return jax.lax.scan(body, (params, init(params)), None, length=STEPS)[1]
-
-    trajectory, bounded = run(jnp.zeros(DIM))
-    return np.asarray(trajectory), np.asarray(bounded)
+    return simulation.trajectory(tx, loss, data, jnp.zeros(DIM), STEPS, "bounded")
 
 
 def assert_matches(got, want):

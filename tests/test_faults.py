@@ -5,11 +5,11 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fsq
 from fsq import delays
+from tests import simulation
 
 W, DIM, STEPS, LR = 6, 3, 20, 0.1
 RNG = np.random.default_rng(7)
@@ -58,24 +58,7 @@ def simulate(table=TABLE, num_workers=W, **kwargs):
         fsq.sgd(LR), num_workers=num_workers, delay=delays.trace(table), **PLAIN, **kwargs
     )
     data = (jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32))
-
-    def worker(params, state, shard):
-        updates, state = tx.update(jax.grad(loss)(params, shard), state, params)
-        return optax.apply_updates(params, updates), state
-
-    step = jax.vmap(worker, in_axes=(None, None, 0), out_axes=None, axis_name="workers")
-    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name="workers")
-
-    @jax.jit
-    def run(params):
-        def body(carry, _):
-            params, state = step(*carry, data)
-            return (params, state), (params, state.lost)
-
-        return jax.lax.scan(body, (params, init(params)), None, length=STEPS)[1]
-
-    trajectory, lost = run(jnp.zeros(DIM))
-    return np.asarray(trajectory), np.asarray(lost)
+    return simulation.trajectory(tx, loss, data, jnp.zeros(DIM), STEPS, "lost")
 
 
 def live_mask(down):

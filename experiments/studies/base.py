@@ -12,6 +12,8 @@ import optax
 from tqdm import tqdm
 
 import fsq
+from experiments import records, training
+from experiments.tasks.base import Task
 
 SCALES = ("full", "quick", "tiny")
 OFF = {"compensation": None, "staleness": None}  # plain asynchronous training
@@ -98,3 +100,32 @@ def one_of(
 def delay_label(bound: int) -> str:
     """``"none"`` for 0, else ``"uniform(bound)"``."""
     return SYNCHRONOUS if bound == 0 else f"uniform({bound})"
+
+
+def seeds_only(
+    task: Task,
+    make_tx: training.MakeTx,
+    describe: records.Run,
+    *,
+    study: str,
+    settings: Settings,
+    size: Any,
+    num_workers: int,
+) -> list[records.Record]:
+    """Trains one configuration (no grid) for the seeds of ``settings``; its records.
+
+    ``size`` is the study's size at this scale: its ``seeds``, ``steps`` and ``batch``.
+    """
+    outcome = training.train(
+        task,
+        make_tx,
+        grid={},
+        seeds=settings.seeds_or(size.seeds),
+        steps=size.steps,
+        num_workers=num_workers,
+        batch_size=size.batch,
+        num_devices=settings.num_devices,
+    )
+    return records.from_outcome(
+        outcome, task, study=study, workers=num_workers, describe=lambda values: describe
+    )

@@ -78,30 +78,20 @@ def run(settings: base.Settings) -> list[records.Record]:
                 fsq.momentum(LEARNING_RATE), WORKERS, seed, compression=operator, **base.OFF
             )
 
-        outcome = training.train(
-            task,
-            make_tx,
-            grid={},
-            seeds=settings.seeds_or(size.seeds),
-            steps=size.steps,
-            num_workers=WORKERS,
-            batch_size=size.batch,
-            num_devices=settings.num_devices,
-        )
         sizes = leaf_sizes(task)
         bytes_sent = C.dense_bytes(sizes) if operator is None else operator.payload_bytes(sizes)
-        out += records.from_outcome(
-            outcome,
+        out += base.seeds_only(
             task,
-            study=NAME,
-            workers=WORKERS,
-            describe=lambda values, name=name, sharding=sharding, bytes_sent=bytes_sent: (
-                records.Run(
-                    name,
-                    {"inner": "momentum", "learning_rate": LEARNING_RATE, "shards": sharding},
-                    "none",
-                    bytes_per_step=bytes_sent,
-                )
+            make_tx,
+            records.Run(
+                name,
+                {"inner": "momentum", "learning_rate": LEARNING_RATE, "shards": sharding},
+                "none",
+                bytes_per_step=bytes_sent,
             ),
+            study=NAME,
+            settings=settings,
+            size=size,
+            num_workers=WORKERS,
         )
     return out

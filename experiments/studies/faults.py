@@ -121,26 +121,18 @@ def run(settings: base.Settings) -> list[records.Record]:
                 **extra,
             )
 
-        outcome = training.train(
+        out += base.seeds_only(
             task,
             make_tx,
-            grid={},
-            seeds=settings.seeds_or(size.seeds),
-            steps=size.steps,
-            num_workers=WORKERS,
-            batch_size=size.batch,
-            num_devices=settings.num_devices,
-        )
-        out += records.from_outcome(
-            outcome,
-            task,
-            study=NAME,
-            workers=WORKERS,
-            describe=lambda values, name=name, delay=delay: records.Run(
+            records.Run(
                 name,
-                {"inner": "momentum", "learning_rate": LEARNING_RATE, **values},
+                {"inner": "momentum", "learning_rate": LEARNING_RATE},
                 _label(delay),
                 3,  # the default's delay compensation sends 3 channels
             ),
+            study=NAME,
+            settings=settings,
+            size=size,
+            num_workers=WORKERS,
         )
     return out
