@@ -3,13 +3,15 @@
 For each feature combination: the bytes of optimizer state per device, split into the
 in-flight buffer and the rest, next to the documented formula
 
-    in_flight = (max_delay + 1) * (C * P + 6) * 4 bytes (0 without delays),
-    C = 1 (3 with compensation)
+    in_flight = (max_delay + 1) * R * (C * P + 6) * 4 bytes (0 without delays),
+    C = 1 (3 with compensation), R = 1 (W / D with a robust aggregation)
 
-(P parameters, C gradient channels, 5 bookkeeping scalars per row, float32: max_delay
-slots and the row due next); the peak
-memory of the compiled step (``memory_analysis``); and the count and bytes of the
-collectives in the compiled HLO of one step.
+(P parameters, C gradient channels, 6 bookkeeping scalars per row, float32: max_delay
+slots and the row due next; a robust rule keeps each of the device's W / D workers'
+messages apart); the peak memory of the compiled step (``memory_analysis``); and the
+count and bytes of the collectives in the compiled HLO of one step, for the dense
+exchange (one all-reduce), the sparse one of top-k and random-k (one all-gather of the
+kept pairs), and a robust rule (one all-gather of every worker's row).
 
 Run: ``python -m benchmarks.memory [--devices 8] [--workers 32]``.
 """
@@ -39,6 +41,11 @@ def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
     return found
 
 
+def per_device_bytes(tree) -> int:
+    """Bytes of ``tree`` held by one device (its shard of every leaf)."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
@@ -58,42 +65,49 @@ def main() -> None:
     loss_fn = mlp.loss
 
     batch = (jnp.zeros((args.workers, 16, sizes[0])), jnp.zeros((args.workers, 16), jnp.int32))
+    uniform = fsq.delays.uniform(16)
+    plain = {"delay": uniform, "staleness": None, "compensation": None}
+    # name: (flying_squirrel kwargs, max_delay, channels C, rows per slot R)
     combos = {
-        "delay 0, plain": ({"delay": 0, "staleness": None, "compensation": None}, 0, 1),
-        "uniform(16), plain": (
-            {"delay": fsq.delays.uniform(16), "staleness": None, "compensation": None},
+        "delay 0, plain": ({"delay": 0, "staleness": None, "compensation": None}, 0, 1, 1),
+        "uniform(16), plain": (plain, 16, 1, 1),
+        "uniform(16), default": ({"delay": uniform}, 16, 3, 1),
+        "uniform(16), DC-c": ({**plain, "compensation": 0.04}, 16, 3, 1),
+        "uniform(16), DC-a": ({**plain, "compensation": fsq.compensation.adaptive()}, 16, 3, 1),
+        "uniform(16), top-k 1%, sparse": (
+            {**plain, "compression": fsq.compression.top_k(0.01), "exchange": "sparse"},
             16,
             1,
+            1,
         ),
-        "uniform(16), default": ({"delay": fsq.delays.uniform(16)}, 16, 3),
-        "uniform(16), DC-c": (
-            {"delay": fsq.delays.uniform(16), "staleness": None, "compensation": 0.04},
+        "uniform(16), random-k 1%, sparse": (
+            {**plain, "compression": fsq.compression.random_k(0.01), "exchange": "sparse"},
             16,
-            3,
+            1,
+            1,
         ),
-        "uniform(16), DC-a": (
-            {
-                "delay": fsq.delays.uniform(16),
-                "staleness": None,
-                "compensation": fsq.compensation.adaptive(),
-            },
+        "uniform(16), median": (
+            {**plain, "aggregation": "median"},
             16,
-            3,
+            1,
+            args.workers // args.devices,
         ),
     }
     rows = []
     inner = fsq.adam(1e-3)
     inner_bytes = sum(x.nbytes for x in jax.tree.leaves(inner.init(params)))
-    for name, (kwargs, max_delay, channels) in combos.items():
+    for name, (kwargs, max_delay, channels, rows_per_slot) in combos.items():
         tx = fsq.flying_squirrel(
             inner, num_workers=args.workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
         )
         dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=args.workers)
         state = dp.init(params)
-        devices = dp.mesh.devices.size
-        in_flight = sum(x.nbytes for x in state.opt_state.in_flight) // devices  # per device
-        total = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)) - in_flight * (devices - 1)
-        formula = (max_delay + 1 if max_delay else 0) * (channels * num_params + 6) * 4
+        in_flight, total = (
+            per_device_bytes(state.opt_state.in_flight),
+            per_device_bytes(state.opt_state),
+        )
+        slots = max_delay + 1 if max_delay else 0
+        formula = slots * rows_per_slot * (channels * num_params + 6) * 4
         compiled = dp.step.lower(state, batch).compile()
         memory = compiled.memory_analysis()
         comms = collective_bytes(compiled.as_text())

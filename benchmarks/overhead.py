@@ -5,7 +5,12 @@ The synchronous reference is what users write by hand: local gradients in a shar
 one ``pmean``, the optax update. Reported: median step time over interleaved
 repetitions, and the ratio to the synchronous step.
 
-Run: ``python -m benchmarks.overhead [--devices 1] [--width 1024] [--repeats 30]``.
+Run: ``python -m benchmarks.overhead [--devices 1] [--width 1024] [--batches 32 256]``.
+
+The ratio depends on the batch: Flying Squirrel's extra work is a fixed number of passes
+over the parameters per step, the gradient's cost grows with the batch. Next to the
+times, XLA's count of bytes accessed by each compiled step (deterministic, unlike times
+on a shared machine) and its ratio to the synchronous step's.
 
 The default is one device: simulated CPU devices share the cores, and their timings are
 dominated by how the threads of 8 "devices" are scheduled on 2 cores (medians moved by
@@ -19,11 +24,19 @@ import argparse
 import jax
 
 
+def bytes_accessed(step, *args) -> float:
+    """XLA's count of the bytes a compiled step reads and writes (``cost_analysis``)."""
+    cost = step.lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost).get("bytes accessed", 0.0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1, help="CPU devices to simulate")
     parser.add_argument("--width", type=int, default=1024, help="MLP hidden width")
-    parser.add_argument("--batch", type=int, default=32, help="examples per worker")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[32, 256], help="examples per worker"
+    )
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
@@ -42,11 +55,6 @@ def main() -> None:
     num_params = mlp.num_params(params)
     loss_fn = mlp.loss
     keys = jax.random.split(jax.random.key(1), 2)
-
-    batch = (
-        jax.random.normal(keys[0], (workers, args.batch, sizes[0])),
-        jax.random.randint(keys[1], (workers, args.batch), 0, 10),
-    )
     inner = fsq.adam(1e-3)
 
     def sync_body(params, opt_state, batch):
@@ -64,12 +72,6 @@ def main() -> None:
             check_vma=False,
         )
     )
-    sync_state = [params, inner.init(params)]
-
-    def sync_thunk():
-        sync_state[0], sync_state[1], loss = sync_step(*sync_state, batch)
-        return loss
-
     variants = {
         "delay 0, extras off": {"delay": 0, "staleness": None, "compensation": None},
         "delay 0, default": {"delay": 0},
@@ -85,26 +87,47 @@ def main() -> None:
         },
         "uniform(16), default": {"delay": fsq.delays.uniform(16)},
     }
-    thunks = {"synchronous (hand-written)": sync_thunk}
-    for name, kwargs in variants.items():
-        tx = fsq.flying_squirrel(
-            inner, num_workers=workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
+    rows = []
+    for batch_size in args.batches:
+        batch = (
+            jax.random.normal(keys[0], (workers, batch_size, sizes[0])),
+            jax.random.randint(keys[1], (workers, batch_size), 0, 10),
         )
-        dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers, mesh=mesh)
-        holder = [dp.init(params)]
+        sync_state = [params, inner.init(params)]
 
-        def thunk(dp=dp, holder=holder):
-            holder[0], losses = dp.step(holder[0], batch)
-            return losses
+        def sync_thunk(sync_state=sync_state, batch=batch):
+            sync_state[0], sync_state[1], loss = sync_step(*sync_state, batch)
+            return loss
 
-        thunks[f"flying squirrel, {name}"] = thunk
+        thunks = {"synchronous (hand-written)": sync_thunk}
+        accessed = {"synchronous (hand-written)": bytes_accessed(sync_step, *sync_state, batch)}
+        for name, kwargs in variants.items():
+            tx = fsq.flying_squirrel(
+                inner, num_workers=workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
+            )
+            dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers, mesh=mesh)
+            holder = [dp.init(params)]
+            accessed[f"flying squirrel, {name}"] = bytes_accessed(dp.step, holder[0], batch)
 
-    medians = timing.median_seconds(thunks, repeats=args.repeats)
-    base = medians["synchronous (hand-written)"]
-    rows = [
-        {"step": name, "median_ms": 1e3 * t, "ratio_to_sync": t / base}
-        for name, t in medians.items()
-    ]
+            def thunk(dp=dp, holder=holder, batch=batch):
+                holder[0], losses = dp.step(holder[0], batch)
+                return losses
+
+            thunks[f"flying squirrel, {name}"] = thunk
+
+        medians = timing.median_seconds(thunks, repeats=args.repeats)
+        base = medians["synchronous (hand-written)"]
+        rows += [
+            {
+                "batch": batch_size,
+                "step": name,
+                "median_ms": 1e3 * t,
+                "ratio_to_sync": t / base,
+                "MB_accessed": accessed[name] / 1e6,
+                "bytes_ratio": accessed[name] / accessed["synchronous (hand-written)"],
+            }
+            for name, t in medians.items()
+        ]
     print(f"{workers} workers on {workers} devices, MLP {sizes}, {num_params} params")
     timing.print_table(rows)
     path = timing.save(
@@ -112,7 +135,6 @@ def main() -> None:
         {
             "workers": workers,
             "num_params": num_params,
-            "batch_per_worker": args.batch,
             "rows": rows,
         },
     )

@@ -4,7 +4,10 @@ The baseline is the common hand-written simulator of asynchronous SGD: a Python 
 steps and workers, a jitted gradient call per worker, a heap of pending gradients keyed
 by delivery step, and a jitted optax update on what is due. fsq runs the same simulation
 (same model, batch, delay distribution) as one jitted SPMD step for all workers, spread
-over the devices. Reported: simulated worker-gradients per second, and the speed-up.
+over the devices. Reported: simulated worker-gradients per second, and the speed-up, for
+two models of the MNIST-1D study: logistic regression (410 parameters, where a
+simulator's own cost dominates, as in most delay studies) and the MLP (15k parameters,
+where both approach the arithmetic limit of the cores).
 
 Run: ``python -m benchmarks.throughput [--devices 8] [--workers 8 64 256]``.
 """
@@ -13,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 
 import jax
+
+# name: layer widths (no hidden layer: logistic regression)
+MODELS = {"logistic": (40, 10), "mlp": (40, 100, 100, 10)}
 
 
 def main() -> None:
@@ -23,6 +30,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--steps", type=int, default=40, help="fsq steps timed per repeat")
     parser.add_argument("--baseline-steps", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
 
@@ -32,8 +40,7 @@ def main() -> None:
     import fsq
     from benchmarks import mlp, timing
 
-    sizes, batch, max_delay = (40, 100, 100, 10), 32, 16
-    params = mlp.init(sizes)
+    batch, max_delay = 32, 16
     loss_fn = mlp.loss
     keys = jax.random.split(jax.random.key(1), 2)
 
@@ -46,13 +53,15 @@ def main() -> None:
         return optax.apply_updates(params, updates), opt_state
 
     rows = []
-    for workers in args.workers:
+    for model, workers in itertools.product(args.models, args.workers):
+        sizes = MODELS[model]
+        params = mlp.init(sizes)
         data = (
             jax.random.normal(keys[0], (workers, batch, sizes[0])),
             jax.random.randint(keys[1], (workers, batch), 0, 10),
         )
 
-        def baseline(steps, workers=workers, data=data):
+        def baseline(steps, workers=workers, data=data, params=params):
             rng = np.random.default_rng(0)
             pending, state, sent = [], [params, inner.init(params)], 0
             for t in range(steps):
@@ -101,14 +110,18 @@ def main() -> None:
             warmup=1,
         )
         base_rate = workers * args.baseline_steps / medians["baseline"]
-        row = {"workers": workers, "baseline_grads_per_s": base_rate}
+        row = {
+            "model": f"{model} ({mlp.num_params(params)} params)",
+            "workers": workers,
+            "baseline_grads_per_s": base_rate,
+        }
         for name in simulators:
             rate = workers * args.steps / medians[name]
             row[f"{name}_grads_per_s"] = rate
             row[f"{name}_speedup"] = rate / base_rate
         rows.append(row)
     print(
-        f"MLP {sizes}, batch {batch} per worker, uniform delays 0..{max_delay}; "
+        f"batch {batch} per worker, uniform delays 0..{max_delay}; "
         f"shard_map over {jax.device_count()} devices, vmap on one"
     )
     timing.print_table(rows)

@@ -93,6 +93,8 @@ class FlyingSquirrelState(NamedTuple):
         (:class:`fsq.transforms.per_worker.PerWorker`), or ``optax.EmptyState()``.
       worker_momentum: the momentum of this device's workers (a ``PerWorker``), or
         ``optax.EmptyState()``.
+      votes: with a robust aggregation, every worker's latest vote
+        (:class:`fsq.aggregation.Votes`), else ``optax.EmptyState()``.
       bytes_sent: the bytes a worker's message takes on the wire per step (float32; the
         dense float32 gradient is ``4 P``), whatever the exchange simulates it with.
     """
@@ -108,6 +110,7 @@ class FlyingSquirrelState(NamedTuple):
     lost: jax.Array
     error_feedback: per_worker.PerWorker | optax.EmptyState
     worker_momentum: per_worker.PerWorker | optax.EmptyState
+    votes: _aggregation.Votes | optax.EmptyState
     bytes_sent: jax.Array
 
 
@@ -213,7 +216,9 @@ def flying_squirrel(
         partial sums and one all-reduce), or a robust rule of :mod:`fsq.aggregation`
         (``"median"``, ``"trimmed_mean"`` or a rule object), which keeps each local
         worker's messages apart in the in-flight buffer (``W/D`` times its memory) and
-        all-gathers the workers' messages at delivery. With a robust rule ``init`` must
+        all-gathers the workers' messages at delivery; each device remembers every
+        worker's latest vote (``W`` message widths), and the rule reduces the recent
+        ones. With a robust rule ``init`` must
         run inside the mapped context, as ``update`` does (:mod:`fsq.parallel` does so).
       compression: a :mod:`fsq.compression` operator (``top_k``, ``random_k``, ``sign``,
         ``quantize``), with error feedback by default (a per-worker residual, so ``init``
@@ -348,6 +353,11 @@ def flying_squirrel(
             error_feedback=per_worker.init(local, size, dtype) if feedback else empty,
             worker_momentum=(
                 empty if worker_momentum is None else per_worker.init(local, size, dtype)
+            ),
+            votes=(
+                _aggregation.init_votes(num_workers, num_trees * size, dtype)
+                if robust.per_worker
+                else empty
             ),
             bytes_sent=jnp.float32(wire_bytes(params)),
         )
@@ -488,38 +498,41 @@ def flying_squirrel(
                 robust.per_worker,
                 immediate=model.min_delay == 0,
             )
+        votes = state.votes
         if robust.per_worker:  # total holds each worker's sums: [W, width]
             weights = total[:, -num_scalars + Scalars._fields.index("weight")]
-            total = jnp.concatenate(
-                [
-                    _aggregation.aggregate(robust, total[:, :-num_scalars], weights),
-                    jnp.sum(total[:, -num_scalars:], axis=0),
-                ]
+            robust_sum, votes = _aggregation.aggregate(
+                robust, votes, total[:, :-num_scalars], weights, step, model.max_delay
             )
-        sums, arrived = wire.unpack(total, updates, num_trees)
-        arrived = Scalars(*arrived)
+            total = jnp.concatenate([robust_sum, jnp.sum(total[:, -num_scalars:], axis=0)])
+        arrived = Scalars(*total[-num_scalars:])
         delivered = jnp.round(arrived.count).astype(jnp.int32)
-        comp_state = state.compensation
-        if config is None:
-            (total,) = sums
-        else:
-            total, comp_state = dc.combine(config, comp_state, sums, params, arrived.weight)
         # Gradient scope: the scaled sum over W. Step scope: the weighted mean, and the
-        # inner step is scaled by the total weight over W below.
+        # inner step is scaled by the total weight over W.
         by_step = rule is not None and rule.scope == "step"
-        norm = jnp.maximum(arrived.weight, 1e-30) if by_step else num_workers
-        mean = jax.tree.map(lambda s, g: (s / norm).astype(g.dtype), total, updates)
 
         def step_inner(_):
-            return inner.update(mean, state.inner_state, params, **extra_args)
+            # Unpacking inside the branch lets XLA fuse it into the inner update.
+            sums, _ = wire.unpack(total, updates, num_trees)
+            comp_state = state.compensation
+            if config is None:
+                (delivered_sum,) = sums
+            else:
+                delivered_sum, comp_state = dc.combine(
+                    config, comp_state, sums, params, arrived.weight
+                )
+            norm = jnp.maximum(arrived.weight, 1e-30) if by_step else num_workers
+            mean = jax.tree.map(lambda s, g: (s / norm).astype(g.dtype), delivered_sum, updates)
+            new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
+            if by_step:
+                step_scale = arrived.weight / num_workers
+                new_updates = jax.tree.map(lambda u: u * step_scale.astype(u.dtype), new_updates)
+            return new_updates, inner_state, comp_state
 
         def skip(_):
-            return optax.tree.zeros_like(mean), state.inner_state
+            return optax.tree.zeros_like(updates), state.inner_state, state.compensation
 
-        new_updates, inner_state = jax.lax.cond(delivered > 0, step_inner, skip, None)
-        if by_step:
-            step_scale = arrived.weight / num_workers
-            new_updates = jax.tree.map(lambda u: u * step_scale.astype(u.dtype), new_updates)
+        new_updates, inner_state, comp_state = jax.lax.cond(delivered > 0, step_inner, skip, None)
         return new_updates, FlyingSquirrelState(
             step=step + 1,
             in_flight=in_flight,
@@ -532,6 +545,7 @@ def flying_squirrel(
             lost=jnp.round(arrived.lost).astype(jnp.int32),
             error_feedback=residuals,
             worker_momentum=momenta,
+            votes=votes,
             bytes_sent=state.bytes_sent,
         )
 

@@ -183,7 +183,7 @@ def test_sparse_exchange_gathers_pairs_instead_of_reducing_the_dense_row():
     tx = fsq.flying_squirrel(
         fsq.sgd(0.1),
         num_workers=8,
-        delay=2,
+        delay=fsq.delays.uniform(2),
         axis_name=fsq.parallel.AXIS_NAME,
         compression=compression.top_k(0.05),
         exchange="sparse",
@@ -195,10 +195,11 @@ def test_sparse_exchange_gathers_pairs_instead_of_reducing_the_dense_row():
     text = jax.jit(dp.step).lower(state, batch).compile().as_text()
     assert "all-reduce(" not in text
     gathered = re.findall(r"= (\w+)\[([\d,]+)\][^=]*all-gather\(", text)
-    assert gathered
-    # Pairs of the k = ceil(0.05 * 2050) = 103 kept entries plus 6 scalars, per worker.
-    biggest = max(int(np.prod([int(d) for d in shape.split(",")])) for _, shape in gathered)
-    assert biggest == 8 * (103 + 6)
+    # One all-gather of one row per worker: the k = ceil(0.05 * 2050) = 103 kept entries
+    # plus 6 scalars, their positions, and the delay.
+    assert [int(np.prod([int(d) for d in shape.split(",")])) for _, shape in gathered] == [
+        8 * (2 * (103 + 6) + 1)
+    ]
 
 
 # --- Byte accounting ---------------------------------------------------------------------

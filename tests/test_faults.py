@@ -1,6 +1,7 @@
 """Faults and robust aggregation against numpy: formulas, an event simulation, layouts."""
 
 import collections
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 import fsq
 from fsq import delays
+from fsq.transforms import aggregation
 from tests import simulation
 
 W, DIM, STEPS, LR = 6, 3, 20, 0.1
@@ -24,12 +26,14 @@ def loss(w, shard):
     return 0.5 * (w - c) @ a @ (w - c)
 
 
-def reference(live, table=TABLE, bad=None, reduce=None):
+def reference(live, table=TABLE, bad=None, reduce=None, horizon=None):
     """Per-gradient event simulation with SGD: worker ``i`` sends at ``t`` iff ``live[t, i]``;
     ``bad`` maps a worker to the factor it scales its gradient by; ``reduce`` a numpy
-    coordinate-wise rule over the workers' votes (None: the plain mean over ``W``).
+    coordinate-wise rule over the workers' latest votes (None: the plain mean over ``W``),
+    those that arrived within ``horizon + 1`` steps (default: the largest delay).
     """
-    due = collections.defaultdict(list)
+    horizon = table.max() if horizon is None else horizon
+    due, latest, voted_at = collections.defaultdict(list), {}, {}
     w, trajectory = np.zeros(DIM), []
     for t in range(STEPS):
         share = W / max(live[t].sum(), 1)
@@ -45,8 +49,11 @@ def reference(live, table=TABLE, bad=None, reduce=None):
                 sums[i] += share * g
             if reduce is None:
                 aggregate = sum(sums.values()) / W
-            else:
-                votes = np.stack([sums[i] / weights[i] for i in sorted(sums)])
+            else:  # every worker's latest vote, if it arrived within max_delay + 1 steps
+                for i in sums:
+                    latest[i], voted_at[i] = sums[i] / weights[i], t
+                recent = [i for i in sorted(latest) if t - voted_at[i] <= horizon]
+                votes = np.stack([latest[i] for i in recent])
                 aggregate = reduce(votes) * sum(weights.values()) / W
             w = w - LR * aggregate
         trajectory.append(w)
@@ -199,6 +206,53 @@ def numpy_centered_clip(votes, iterations):
     return center
 
 
+def numpy_mixing(votes, present, bad):
+    """Nearest-neighbour mixing, directly from its definition."""
+    chosen, mixed = np.flatnonzero(present), votes.copy()
+    for i, vote in enumerate(votes):
+        distances = ((votes[chosen] - vote) ** 2).sum(axis=1)
+        nearest = chosen[np.argsort(distances)[: max(len(chosen) - bad, 1)]]
+        mixed[i] = votes[nearest].mean(axis=0)
+    return mixed
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "rule, reduce",
+    [
+        (fsq.aggregation.median(mixing=2), lambda v: np.median(v, axis=0)),
+        (fsq.aggregation.trimmed_mean(0.25, mixing=1), lambda v: numpy_trimmed_mean(v, 0.25)),
+    ],
+)
+def test_nearest_neighbour_mixing_matches_numpy(rule, reduce, seed):
+    rng = np.random.default_rng(seed)
+    votes, present = rng.normal(size=(9, 6)), rng.random(9) < 0.8
+    got = rule.reduce(jnp.asarray(votes, jnp.float32), jnp.asarray(present))
+    want = reduce(numpy_mixing(votes, present, rule.mixing)[present])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want, reduce(votes[present]), atol=1e-3)
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_sorting_network_sorts_every_zero_one_sequence(n):
+    # The 0-1 principle: a comparator network sorts all inputs iff it sorts all 0/1 ones.
+    network = aggregation._sorting_network(n)
+    for bits in itertools.product([0, 1], repeat=n):
+        x = list(bits)
+        for i, j in network:
+            x[i], x[j] = min(x[i], x[j]), max(x[i], x[j])
+        assert x == sorted(bits)
+
+
+@pytest.mark.parametrize("n", [3, 8, 17, 32, 33, 40])
+def test_votes_are_ordered_like_numpy_with_absent_votes_last(n):
+    rng = np.random.default_rng(n)
+    votes, present = rng.normal(size=(n, 5)), rng.random(n) < 0.7
+    got = aggregation._ordered(jnp.asarray(votes), jnp.asarray(present))
+    want = np.sort(np.where(present[:, None], votes, np.inf), axis=0)
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_centered_clipping_matches_numpy_and_bounds_an_outlier(seed):
     rng = np.random.default_rng(seed)
@@ -227,6 +281,19 @@ def test_robust_rules_match_event_simulation_with_a_byzantine_worker(aggregation
     want = reference(live, bad={5: -4.0}, reduce=reduce)
     assert_close(got, want)
     assert not np.allclose(want, reference(live, bad={5: -4.0}), atol=1e-3)
+
+
+def test_votes_of_a_crashed_worker_age_out():
+    # Worker 2 is down for steps 3-12: after max_delay + 1 steps its last vote no longer counts.
+    faults = fsq.faults.crash_recover([2], at=3, until=13)
+    got, lost = simulate(faults=faults, aggregation="median")
+    live = live_mask({2: (3, 13)})
+    want = reference(live, reduce=lambda v: np.median(v, axis=0))
+    assert_close(got, want)
+    # Ageing matters here: had the stale vote been kept, the run would differ.
+    kept = reference(live, reduce=lambda v: np.median(v, axis=0), horizon=STEPS)
+    assert not np.allclose(want, kept, atol=1e-4)
+    assert lost.sum() == 10
 
 
 def test_trimmed_mean_without_trim_is_the_mean_of_the_votes():
@@ -284,6 +351,7 @@ def test_robust_aggregation_is_the_same_on_every_layout(backend, num_devices):
         (lambda: fsq.aggregation.trimmed_mean(0.5), ValueError, "trim"),
         (lambda: fsq.aggregation.resolve("krum"), ValueError, "aggregation"),
         (lambda: fsq.aggregation.centered_clip(0), ValueError, "iterations"),
+        (lambda: fsq.aggregation.median(mixing=-1), ValueError, "mixing"),
         (
             lambda: fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, worker_momentum=1.0),
             ValueError,

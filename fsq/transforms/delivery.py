@@ -144,17 +144,26 @@ def exchange_sparse(
     """:func:`exchange` for a sparse message: ``values`` at ``positions`` of a row of
     ``width`` entries.
 
-    Every worker's (positions, values, delay) is all-gathered over all ``axes`` *when it
-    is sent* (the one collective, of :math:`W \times k` pairs instead of an all-reduce of
-    the dense row); each device then adds all of them into its buffer, which therefore
-    holds the sums over every worker, and delivery needs no collective. With
+    Every worker's (positions, values, delay), in one row, is all-gathered over all
+    ``axes`` *when it is sent* (the one collective, of :math:`W \times k` pairs instead of
+    an all-reduce of the dense row); each device then adds all of them into its buffer,
+    which therefore holds the sums over every worker, and delivery needs no collective. With
     ``shared_positions`` every worker sends at the same positions (random-k with a
     shared seed) and only the values travel.
     """
-    values = _axes.stack(values, axes)
-    delays = _axes.stack(jnp.asarray(delay, jnp.int32), axes)[:, None]
+    # One all-gather: the delay and the positions travel bit-cast in the values' row.
+    integer = jnp.dtype(f"int{8 * values.dtype.itemsize}")
+    parts = [values, jnp.asarray(delay, integer)[None]]
     if not shared_positions:
-        positions = _axes.stack(positions, axes)
+        parts.append(positions.astype(integer))
+    row = _axes.stack(
+        jnp.concatenate([lax.bitcast_convert_type(p, values.dtype) for p in parts]), axes
+    )
+    k = values.shape[0]
+    values, integers = row[:, :k], lax.bitcast_convert_type(row[:, k:], integer)
+    delays = integers[:, :1]
+    if not shared_positions:
+        positions = integers[:, 1:]
     positions = jnp.broadcast_to(positions, values.shape)
     return _advance(
         in_flight,
