@@ -68,7 +68,7 @@ def save(directory: PathLike, step: int, state: Any, *, max_to_keep: int = 3) ->
     with _manager(directory, max_to_keep, create=True) as manager:
         if step in manager.all_steps():
             raise ValueError(f"checkpoint {step} already exists in {directory}")
-        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.save(step, args=ocp.args.StandardSave(_without_empty(state)))
         manager.wait_until_finished()
 
 
@@ -84,6 +84,12 @@ def latest_step(directory: PathLike) -> int | None:
     """The newest checkpoint of ``directory``, or ``None``."""
     steps = all_steps(directory)
     return steps[-1] if steps else None
+
+
+def _without_empty(tree: Any) -> Any:
+    """``tree`` with its zero-size arrays (e.g. the in-flight buffer without delays) as
+    ``None``: they hold nothing, and orbax cannot save them."""
+    return jax.tree.map(lambda x: None if np.size(x) == 0 else x, tree)
 
 
 def _key_name(key: Any) -> str:
@@ -146,9 +152,11 @@ def restore(directory: PathLike, like: Any, *, step: int | None = None) -> Any:
             saved = _layout(manager.item_metadata(step), saved=True)
         except Exception as e:  # orbax raises many kinds of errors on a damaged directory
             raise ValueError(f"{where} is unreadable (damaged?): {e}") from e
-        _check_layout(saved, _layout(like, saved=False), where)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        _check_layout(saved, _layout(_without_empty(like), saved=False), where)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty(like))
         try:
-            return manager.restore(step, args=ocp.args.StandardRestore(target))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:
             raise ValueError(f"{where} is unreadable (damaged?): {e}") from e
+    # The empty arrays come back from ``like``.
+    return jax.tree.map(lambda x, r: x if np.size(x) == 0 else r, like, restored)

@@ -52,7 +52,7 @@ class DelayModel:
 
     Attributes:
       max_delay: the largest delay the model can produce; the in-flight buffer holds
-        ``max_delay`` delivery slots plus the row due next (none when ``max_delay`` is 0).
+        ``max_delay + 1`` delivery rows (none when ``max_delay`` is 0).
       num_workers: the number of workers the model is defined for, or ``None`` if any.
     """
 

@@ -342,7 +342,7 @@ def flying_squirrel(
         empty = optax.EmptyState()
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
-            in_flight=delivery.init(model.max_delay, width, dtype),
+            in_flight=delivery.init(model.max_delay, width, dtype, early=model.min_delay > 0),
             inner_state=inner.init(params),
             compensation=empty if config is None else dc.init(config, params),
             delivered=jnp.zeros([], jnp.int32),

@@ -96,9 +96,9 @@ def test_every_layout_gives_the_same_run(num_workers, backend, num_devices):
     # Summation order differs between layouts: equal up to float reassociation.
     for got, ref in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    # One ring of max_delay = 4 rows per device, the devices' rings concatenated.
+    # One ring of max_delay + 1 = 5 rows per device, the devices' rings concatenated.
     ring = state.opt_state.in_flight.slots
-    assert ring.shape[0] == 4 * (1 if backend == "vmap" else num_devices)
+    assert ring.shape[0] == 5 * (1 if backend == "vmap" else num_devices)
 
 
 def test_delay_zero_shard_map_equals_single_device_full_batch():

@@ -279,8 +279,8 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
                 tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS
             )
             state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
-            # max_delay slots x (33 params x channels + 6 scalars)
-            assert state.in_flight.slots.shape == (6, 33 * channels + 6)
+            # max_delay + 1 rows x (33 params x channels + 6 scalars)
+            assert state.in_flight.slots.shape == (7, 33 * channels + 6)
 
 
 def test_bfloat16_params_get_bfloat16_updates():

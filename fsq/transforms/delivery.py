@@ -1,26 +1,33 @@
 r"""The in-flight buffer: messages wait in delivery slots until their step comes.
 
 A message sent at step :math:`t` with delay :math:`d` is due at step :math:`t + d`. Sums
-commute, so the buffer stores, for each future step, the *sum* of the messages due then:
-a ring of :math:`L = d_{\max}` rows, row :math:`s \bmod L` holding what is due at step
-:math:`s`, plus ``due``, what is due at the coming step. Messages with delay 0 never enter
-it, so synchronous training (:math:`L = 0`) has no buffer at all. One buffer serves all
-the workers of a device (its memory is :math:`(L + 1) \times P` whatever the number of
-workers) and holds only their partial sums; delivery adds the totals of all devices with
-one all-reduce. At step :math:`t`:
+commute, so the buffer stores, for each step, the *sum* of the messages due then: a ring
+of :math:`R = d_{\max} + 1` rows, row :math:`s \bmod R` holding what is due at step
+:math:`s`. Messages with delay 0 never enter it, so synchronous training
+(:math:`d_{\max} = 0`) has no buffer at all. One buffer serves all the workers of a device
+(its memory is :math:`(d_{\max} + 1) \times P` whatever the number of workers) and holds
+only their partial sums; delivery adds the totals of all devices with one all-reduce. At
+step :math:`t`:
 
 .. math::
 
-  \text{delivered}_t = \sum_{\text{devices}} \Big(\text{due} + \sum_{i:\, d_i = 0} m_i\Big),
-  \qquad \text{slots}[(t + d_i) \bmod L] \mathrel{+}= m_i \ (d_i \ge 1),
-  \qquad \text{due} \leftarrow \text{slots}[(t + 1) \bmod L]
+  \text{slots}[(t - 1) \bmod R] \leftarrow 0, \qquad
+  \text{slots}[(t + d_i) \bmod R] \mathrel{+}= m_i \ (d_i \ge 1), \qquad
+  \text{delivered}_t = \sum_{\text{devices}} \Big(\text{slots}[t \bmod R]
+  + \sum_{i:\, d_i = 0} m_i\Big)
 
-The slot of step :math:`t` was moved to ``due`` one step earlier, so it is emptied before
-the new messages are added, and a message with the largest delay :math:`d = L` lands in
-it. Every slot is read once and emptied before it is reused: nothing is lost or delivered
-twice. Reading ``due`` *after* the writes, never a row that is about to be overwritten,
-lets XLA update the buffer in place (reading then overwriting a row makes it copy the
-whole buffer on CPU).
+The row delivered at step :math:`t - 1` is emptied before the new messages are added, as
+a message with the largest delay :math:`d = d_{\max}` lands in it; no message sent at
+:math:`t` lands in row :math:`t`. Every row is read once and emptied before it is reused:
+nothing is lost or delivered twice. The due row is read *after* the writes, so XLA updates
+the buffer in place (a read followed by an in-place write of the same buffer makes it
+copy the whole buffer on CPU).
+
+With a delay model that never gives delay 0 (``early``), the all-reduce should need
+nothing of this step, so that it can overlap this step's backward pass: then the row due
+at :math:`t + 1` is read after the writes of step :math:`t` and kept apart as ``due``
+(the ring has :math:`d_{\max}` rows plus ``due``, the same memory), and step
+:math:`t + 1` delivers it without touching the ring first.
 
 A robust aggregation (:mod:`fsq.aggregation`) needs each worker's messages apart: then a
 row holds the device's :math:`W/D` local workers side by side (each worker's segment the
@@ -47,37 +54,45 @@ class InFlight(NamedTuple):
     concatenate along it.
 
     Attributes:
-      slots: ``[max_delay, width]``; row ``s mod max_delay`` is the sum of the messages
-        due at step ``s``, for the steps after the coming one (per local worker, side by
-        side, when messages are kept apart: ``width`` is then ``W/D`` message widths).
-      due: ``[width]``, the sum of the messages due at the coming step (``[0]`` when
-        ``max_delay`` is 0).
+      slots: ``[rows, width]``, row ``s mod rows`` the sum of the messages due at step
+        ``s`` (per local worker, side by side, when messages are kept apart: ``width`` is
+        then ``W/D`` message widths); ``rows = max_delay + 1``, or ``max_delay`` when
+        the due row is read early.
+      due: ``[width]``, the row due at the coming step, read one step early (delay
+        models that never give delay 0); ``[0]`` otherwise.
     """
 
     slots: jax.Array
     due: jax.Array
 
 
-def init(max_delay: int, width: int, dtype: jnp.dtype) -> InFlight:
-    """An empty buffer for delays up to ``max_delay`` and messages of length ``width``."""
-    return InFlight(
-        jnp.zeros((max_delay, width), dtype), jnp.zeros((width if max_delay else 0,), dtype)
-    )
+def init(max_delay: int, width: int, dtype: jnp.dtype, early: bool = False) -> InFlight:
+    """An empty buffer for delays up to ``max_delay`` and messages of length ``width``;
+    ``early``: read each due row one step ahead (see the module)."""
+    early = early and max_delay > 0
+    rows = max_delay if early or not max_delay else max_delay + 1
+    return InFlight(jnp.zeros((rows, width), dtype), jnp.zeros((width if early else 0,), dtype))
 
 
 def _advance(in_flight: InFlight, step: jax.Array, now: jax.Array, write) -> tuple:
-    """The ring step shared by both exchanges: empty the slot of ``step`` (its content was
-    moved to ``due`` a step earlier), let ``write(slots, num_slots)`` add the late
-    messages, and read the next ``due`` after the writes. Returns ``(due + now, buffer)``.
+    """The ring step shared by both exchanges: empty the row read last (the due row of the
+    last step, or, read early, of this step), let ``write(slots, num_slots)`` add the late
+    messages, then read a due row: this step's, or the next one's when read early (it is
+    delivered a step later, from ``due``). Returns ``(this step's due row + now, buffer)``.
     """
     slots, due = in_flight
     num_slots = slots.shape[0]
     if not num_slots:
         return now, in_flight
-    slots = lax.dynamic_update_index_in_dim(slots, jnp.zeros_like(due), step % num_slots, 0)
+    ahead = int(due.size > 0)
+    slots = lax.dynamic_update_index_in_dim(
+        slots, jnp.zeros_like(now), (step - 1 + ahead) % num_slots, 0
+    )
     slots = write(slots, num_slots)
-    next_due = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
-    return now + due, InFlight(slots, next_due)
+    row = lax.dynamic_index_in_dim(slots, (step + ahead) % num_slots, keepdims=False)
+    if ahead:
+        return now + due, InFlight(slots, row)
+    return now + row, in_flight._replace(slots=slots)
 
 
 def exchange(
