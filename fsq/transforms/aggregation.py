@@ -11,11 +11,11 @@ gradients delivered at :math:`t`,
 .. math:: v_i = \frac{\sum_s \alpha_{i,s}\, g_i(s)}{\sum_s \alpha_{i,s}},
 
 (one vote per worker and step, however many of its gradients arrive together), and the
-rule reduces the votes of the :math:`n` workers with a delivery, coordinate-wise:
+rule reduces the :math:`n` recent votes (which ones: below), coordinate-wise:
 
 - ``median()`` — the coordinate-wise median (Yin et al., *Byzantine-Robust Distributed
   Learning: Towards Optimal Statistical Rates*, ICML 2018). Resists up to half the votes
-  being arbitrary; :math:`O(W P \log W)` per step for the sort.
+  being arbitrary; :math:`O(W P \log^2 W)` per step for the sorting network.
 - ``trimmed_mean(trim)`` — drop the :math:`\lfloor \beta n \rfloor` largest and smallest
   values of each coordinate, average the rest (same paper). Resists a fraction
   :math:`\beta < 1/2` of bad votes and is less noisy than the median when all are
