@@ -24,12 +24,6 @@ import argparse
 import jax
 
 
-def bytes_accessed(step, *args) -> float:
-    """XLA's count of the bytes a compiled step reads and writes (``cost_analysis``)."""
-    cost = step.lower(*args).compile().cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost).get("bytes accessed", 0.0))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=1, help="CPU devices to simulate")
@@ -100,14 +94,16 @@ def main() -> None:
             return loss
 
         thunks = {"synchronous (hand-written)": sync_thunk}
-        accessed = {"synchronous (hand-written)": bytes_accessed(sync_step, *sync_state, batch)}
+        accessed = {
+            "synchronous (hand-written)": timing.bytes_accessed(sync_step, *sync_state, batch)
+        }
         for name, kwargs in variants.items():
             tx = fsq.flying_squirrel(
                 inner, num_workers=workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
             )
             dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers, mesh=mesh)
             holder = [dp.init(params)]
-            accessed[f"flying squirrel, {name}"] = bytes_accessed(dp.step, holder[0], batch)
+            accessed[f"flying squirrel, {name}"] = timing.bytes_accessed(dp.step, holder[0], batch)
 
             def thunk(dp=dp, holder=holder, batch=batch):
                 holder[0], losses = dp.step(holder[0], batch)

@@ -57,10 +57,7 @@ def main() -> None:
                 ),
                 donate_argnums=(1,),
             )
-            compiled = step.lower(grads, state, params).compile()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            bytes_accessed[name] = float(cost.get("bytes accessed", 0.0))
+            bytes_accessed[name] = timing.bytes_accessed(step, grads, state, params)
             holder = [state]
 
             def thunk(step=step, holder=holder, grads=grads, params=params):

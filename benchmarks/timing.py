@@ -29,6 +29,12 @@ def median_seconds(
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def bytes_accessed(step: Callable, *args) -> float:
+    """XLA's count of the bytes the compiled ``step(*args)`` reads and writes."""
+    cost = step.lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost).get("bytes accessed", 0.0))
+
+
 def print_table(rows: list[dict]) -> None:
     print(tables.text(rows))
 

@@ -152,8 +152,9 @@ def restore(directory: PathLike, like: Any, *, step: int | None = None) -> Any:
             saved = _layout(manager.item_metadata(step), saved=True)
         except Exception as e:  # orbax raises many kinds of errors on a damaged directory
             raise ValueError(f"{where} is unreadable (damaged?): {e}") from e
-        _check_layout(saved, _layout(_without_empty(like), saved=False), where)
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty(like))
+        stored = _without_empty(like)
+        _check_layout(saved, _layout(stored, saved=False), where)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored)
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:

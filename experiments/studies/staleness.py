@@ -82,6 +82,10 @@ def train(task, make_tx, grid, size: Size, settings: base.Settings) -> training.
     )
 
 
+def _records(outcome, task, describe) -> list[records.Record]:
+    return records.from_outcome(outcome, task, study=NAME, workers=WORKERS, describe=describe)
+
+
 def synchronous(task, inner: str, size: Size, settings: base.Settings) -> list[records.Record]:
     """The learning-rate sweep of synchronous training."""
 
@@ -91,12 +95,10 @@ def synchronous(task, inner: str, size: Size, settings: base.Settings) -> list[r
 
     rates = base.learning_rates(base.CATALOGUE[inner][1], size.rates)
     outcome = train(task, make_tx, {"learning_rate": rates}, size, settings)
-    return records.from_outcome(
+    return _records(
         outcome,
         task,
-        study=NAME,
-        workers=WORKERS,
-        describe=lambda values: records.Run(
+        lambda values: records.Run(
             base.SYNCHRONOUS_METHOD, {"inner": inner, **values}, base.SYNCHRONOUS
         ),
     )
@@ -115,12 +117,10 @@ def delayed(
 
     channels = 1 if options.get("compensation", "adaptive") is None else 3
     outcome = train(task, make_tx, {"max_delay": size.delays}, size, settings)
-    return records.from_outcome(
+    return _records(
         outcome,
         task,
-        study=NAME,
-        workers=WORKERS,
-        describe=lambda values: records.Run(
+        lambda values: records.Run(
             method,
             {"inner": inner, "learning_rate": learning_rate, **values},
             base.delay_label(values["max_delay"]),

@@ -69,9 +69,11 @@ class InFlight(NamedTuple):
 def init(max_delay: int, width: int, dtype: jnp.dtype, early: bool = False) -> InFlight:
     """An empty buffer for delays up to ``max_delay`` and messages of length ``width``;
     ``early``: read each due row one step ahead (see the module)."""
-    early = early and max_delay > 0
-    rows = max_delay if early or not max_delay else max_delay + 1
-    return InFlight(jnp.zeros((rows, width), dtype), jnp.zeros((width if early else 0,), dtype))
+    if not max_delay:
+        rows, due = 0, 0
+    else:
+        rows, due = (max_delay, width) if early else (max_delay + 1, 0)
+    return InFlight(jnp.zeros((rows, width), dtype), jnp.zeros((due,), dtype))
 
 
 def _advance(in_flight: InFlight, step: jax.Array, now: jax.Array, write) -> tuple:
