@@ -16,13 +16,17 @@ from experiments import tables
 def median_seconds(
     candidates: dict[str, Callable[[], object]], repeats: int = 30, warmup: int = 3
 ) -> dict[str, float]:
-    """Median wall time of each thunk; repetitions are interleaved so drift hits all alike."""
+    """Median wall time of each thunk; repetitions are interleaved so drift hits all alike,
+    each in a new (seeded) random order: a fixed order made the thunk that ran after the
+    same neighbour every time up to 15% slower here."""
     for thunk in candidates.values():
         for _ in range(warmup):
             jax.block_until_ready(thunk())
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    rng = np.random.default_rng(0)
     for _ in range(repeats):
-        for name, thunk in candidates.items():
+        for name in rng.permutation(list(candidates)):
+            thunk = candidates[name]
             start = time.perf_counter()
             jax.block_until_ready(thunk())
             times[name].append(time.perf_counter() - start)

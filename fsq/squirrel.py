@@ -31,6 +31,8 @@ all-reduce for the whole model. The algorithmic pieces act at one end or the oth
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -115,7 +117,19 @@ class FlyingSquirrelState(NamedTuple):
 
 
 def _all_finite(tree: optax.Updates) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(tree)]))
+    """Whether every entry of ``tree`` is finite.
+
+    ``0 * g`` is 0 where ``g`` is finite and NaN where it is not, so ``sum(g @ 0)`` tells,
+    exactly: as a matrix-vector product (rows of up to 1024 entries, so the zero vector
+    stays small) it is one multithreaded pass over ``g``, where reducing the boolean mask
+    ``isfinite(g)`` made a delay-0 step 1.6x slower on CPU.
+    """
+
+    def zero_or_nan(g):
+        width = math.gcd(g.size, 1024)  # a power of two that divides the size
+        return jnp.sum(g.reshape(-1, width) @ jnp.zeros(width, g.dtype))
+
+    return jnp.isfinite(sum(zero_or_nan(g) for g in jax.tree.leaves(tree)))
 
 
 def _accumulation_dtype(params: optax.Params) -> jnp.dtype:
@@ -284,6 +298,10 @@ def flying_squirrel(
         max_staleness = _checks.integer("max_staleness", max_staleness, 0, model.max_delay)
     if on_stale not in ON_STALE:
         raise ValueError(f"on_stale must be one of {ON_STALE}, got {on_stale!r}")
+    # The smallest delay a message is sent with: waiting clips delays to the bound.
+    min_delay = model.min_delay
+    if max_staleness is not None and on_stale == "wait":
+        min_delay = min(min_delay, max_staleness)
     rule = _staleness.resolve(staleness, model)
     fault_model = _faults.as_fault_model(faults)
     if fault_model is not None:
@@ -342,7 +360,7 @@ def flying_squirrel(
         empty = optax.EmptyState()
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
-            in_flight=delivery.init(model.max_delay, width, dtype, early=model.min_delay > 0),
+            in_flight=delivery.init(model.max_delay, width, dtype, early=min_delay > 0),
             inner_state=inner.init(params),
             compensation=empty if config is None else dc.init(config, params),
             delivered=jnp.zeros([], jnp.int32),
@@ -404,7 +422,7 @@ def flying_squirrel(
         """One worker's message: its channels, scalars, (possibly clipped) delay, new
         residual and momentum, and the positions of a sparse message."""
         alive, share = live_share(step, worker)
-        # A non-finite gradient is rejected: sent as zeros (``wire.pack`` selects on
+        # A non-finite gradient is rejected: sent as zeros (``wire.parts`` selects on
         # ``finite``), counted, and kept out of the worker's momentum.
         finite = _all_finite(updates)
         if worker_momentum is not None:  # the honest message, which an attacker corrupts
@@ -470,14 +488,15 @@ def flying_squirrel(
             residuals = per_worker.write(residual, axes.local)
         if worker_momentum is not None:
             momenta = per_worker.write(velocity, axes.local)
-        message = wire.pack(trees, scalars, slots.dtype, scalars.weight, finite)
+        parts = wire.parts(trees, scalars, slots.dtype, scalars.weight, finite)
         if sparse:
+            message = jnp.concatenate(parts)
             size = (message.size - num_scalars) // num_trees
             positions = jnp.concatenate(
                 [kept + c * size for c in range(num_trees)]
                 + [jnp.arange(num_scalars, dtype=kept.dtype) + num_trees * size]
             )
-            total, in_flight = delivery.exchange_sparse(
+            due, in_flight = delivery.exchange_sparse(
                 state.in_flight,
                 positions,
                 message[positions],
@@ -488,24 +507,19 @@ def flying_squirrel(
                 shared_positions=compression.shared,
             )
         else:
-            total, in_flight = delivery.exchange(
-                state.in_flight,
-                message,
-                delay,
-                step,
-                axes.local,
-                axes.device,
-                robust.per_worker,
-                immediate=model.min_delay == 0,
+            due, in_flight = delivery.exchange(
+                state.in_flight, parts, delay, step, axes.local, axes.device, robust.per_worker
             )
         votes = state.votes
-        if robust.per_worker:  # total holds each worker's sums: [W, width]
+        if robust.per_worker:  # the due row holds each worker's sums: [W, width]
+            total = delivery.read(due).reshape(num_workers, -1)
             weights = total[:, -num_scalars + Scalars._fields.index("weight")]
             robust_sum, votes = _aggregation.aggregate(
                 robust, votes, total[:, :-num_scalars], weights, step, model.max_delay
             )
-            total = jnp.concatenate([robust_sum, jnp.sum(total[:, -num_scalars:], axis=0)])
-        arrived = Scalars(*total[-num_scalars:])
+            scalar_sums = jnp.sum(total[:, -num_scalars:], axis=0)
+            due = delivery.as_due(jnp.concatenate([robust_sum, scalar_sums]))
+        arrived = Scalars(*delivery.read(due, delivery.row_width(due) - num_scalars))
         delivered = jnp.round(arrived.count).astype(jnp.int32)
         # Gradient scope: the scaled sum over W. Step scope: the weighted mean, and the
         # inner step is scaled by the total weight over W.
@@ -513,7 +527,7 @@ def flying_squirrel(
 
         def step_inner(_):
             # Unpacking inside the branch lets XLA fuse it into the inner update.
-            sums, _ = wire.unpack(total, updates, num_trees)
+            sums = wire.unpack(functools.partial(delivery.read, due), updates, num_trees)
             comp_state = state.compensation
             if config is None:
                 (delivered_sum,) = sums

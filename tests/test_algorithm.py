@@ -44,6 +44,7 @@ def reference(
     weights=None,
     scope="gradient",
     momentum=0.0,
+    table=TABLE,
 ):
     """Per-gradient event simulation; ``adaptive=(decay, eps)`` for DC-ASGD-a.
 
@@ -54,7 +55,7 @@ def reference(
     trajectory, bounded = [], []
     for t in range(STEPS):
         for i in range(W):
-            d = int(TABLE[t % len(TABLE), i])
+            d = int(table[t % len(table), i])
             late = max_staleness is not None and d > max_staleness
             if late and on_stale == "wait":
                 d = max_staleness
@@ -88,10 +89,10 @@ def reference(
     return np.stack(trajectory), np.array(bounded)
 
 
-def simulate(inner=None, **kwargs):
+def simulate(inner=None, table=TABLE, **kwargs):
     kwargs = {"staleness": None, "compensation": None, **kwargs}
     inner = fsq.sgd(LR) if inner is None else inner
-    tx = fsq.flying_squirrel(inner, num_workers=W, delay=delays.trace(TABLE), **kwargs)
+    tx = fsq.flying_squirrel(inner, num_workers=W, delay=delays.trace(table), **kwargs)
     data = (jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32))
     return simulation.trajectory(tx, loss, data, jnp.zeros(DIM), STEPS, "bounded")
 
@@ -191,6 +192,17 @@ def test_bounded_staleness_policies(bound, on_stale):
     want = reference(max_staleness=bound, on_stale=on_stale)
     assert_matches(got, want)
     assert want[1].sum() > 0  # the bound did affect some gradients
+
+
+@pytest.mark.parametrize("bound", [0, 1])
+def test_waiting_under_delays_that_are_never_zero(bound):
+    """Delays of at least 1 read the due row a step early; a bound below them makes
+    ``wait`` deliver sooner (bound 0: synchronously), and nothing may be lost."""
+    table = TABLE + 1
+    got = simulate(table=table, max_staleness=bound, on_stale="wait")
+    want = reference(max_staleness=bound, on_stale="wait", table=table)
+    assert_matches(got, want)
+    assert want[1].sum() > 0
 
 
 def test_load_balancing_weights_gradients_by_their_share():

@@ -307,7 +307,9 @@ def test_trimmed_mean_without_trim_is_the_mean_of_the_votes():
     assert_close(robust, simulate(table=table)[0])
 
 
-@pytest.mark.parametrize("backend, num_devices", [("vmap", None), ("shard_map", 3)])
+@pytest.mark.parametrize(
+    "backend, num_devices", [("vmap", None), ("shard_map", 3), ("shard_map", 1)]
+)
 def test_robust_aggregation_is_the_same_on_every_layout(backend, num_devices):
     def run(backend, num_devices):
         tx = fsq.flying_squirrel(

@@ -85,6 +85,7 @@ def run_parallel(num_workers, backend, num_devices=None):
         (8, "shard_map", 8),
         (32, "shard_map", 8),
         (8, "shard_map", 4),
+        (8, "shard_map", 1),  # no collective: the due row is read in place
         (8, "pmap", 8),
         (32, "pmap", 8),
     ],

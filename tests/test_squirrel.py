@@ -331,6 +331,24 @@ def test_non_finite_gradients_are_rejected_and_counted(extras):
         np.testing.assert_allclose(params, -0.5 * clean.sum((0, 1)) / W, rtol=1e-6)
 
 
+@pytest.mark.parametrize("leaf", ["matrix", "vector", "scalar"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 3e38])
+def test_rejection_looks_at_every_entry_of_every_leaf(leaf, value):
+    """One bad entry anywhere rejects the gradient; a huge finite one (whose sum with the
+    others would overflow float32) does not."""
+    like = {"matrix": jnp.ones((3, 4)), "vector": jnp.ones(5), "scalar": jnp.ones(())}
+    tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=W, **PLAIN)
+    update = jax.jit(jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name=AXIS))
+    state = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=W, axis_name=AXIS)(like)
+    grads = jax.tree.map(
+        lambda x: np.full((W, *x.shape), 3e38 if value == 3e38 else 1.0, np.float32), like
+    )
+    grads[leaf][(1,) + tuple(d - 1 for d in like[leaf].shape)] = value  # worker 1, last entry
+    _, state = update(jax.tree.map(jnp.asarray, grads), state, like)
+    assert int(state.rejected) == (0 if value == 3e38 else 1)
+    assert int(state.delivered) == (W if value == 3e38 else W - 1)
+
+
 # --- Bad configurations ----------------------------------------------------------------
 
 

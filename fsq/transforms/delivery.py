@@ -3,25 +3,26 @@ r"""The in-flight buffer: messages wait in delivery slots until their step comes
 A message sent at step :math:`t` with delay :math:`d` is due at step :math:`t + d`. Sums
 commute, so the buffer stores, for each step, the *sum* of the messages due then: a ring
 of :math:`R = d_{\max} + 1` rows, row :math:`s \bmod R` holding what is due at step
-:math:`s`. Messages with delay 0 never enter it, so synchronous training
-(:math:`d_{\max} = 0`) has no buffer at all. One buffer serves all the workers of a device
-(its memory is :math:`(d_{\max} + 1) \times P` whatever the number of workers) and holds
-only their partial sums; delivery adds the totals of all devices with one all-reduce. At
-step :math:`t`:
+:math:`s`. Synchronous training (:math:`d_{\max} = 0`) has no buffer at all. One buffer
+serves all the workers of a device (its memory is :math:`(d_{\max} + 1) \times P`
+whatever the number of workers) and holds only their partial sums; delivery adds the
+totals of all devices with one all-reduce. At step :math:`t`:
 
 .. math::
 
   \text{slots}[(t - 1) \bmod R] \leftarrow 0, \qquad
-  \text{slots}[(t + d_i) \bmod R] \mathrel{+}= m_i \ (d_i \ge 1), \qquad
-  \text{delivered}_t = \sum_{\text{devices}} \Big(\text{slots}[t \bmod R]
-  + \sum_{i:\, d_i = 0} m_i\Big)
+  \text{slots}[(t + d_i) \bmod R] \mathrel{+}= m_i, \qquad
+  \text{delivered}_t = \sum_{\text{devices}} \text{slots}[t \bmod R]
 
 The row delivered at step :math:`t - 1` is emptied before the new messages are added, as
-a message with the largest delay :math:`d = d_{\max}` lands in it; no message sent at
-:math:`t` lands in row :math:`t`. Every row is read once and emptied before it is reused:
-nothing is lost or delivered twice. The due row is read *after* the writes, so XLA updates
-the buffer in place (a read followed by an in-place write of the same buffer makes it
-copy the whole buffer on CPU).
+a message with the largest delay :math:`d = d_{\max}` lands in it; a message with delay 0
+lands in row :math:`t`, read right after. Every row is read once and emptied before it is
+reused: nothing is lost or delivered twice. The due row is read *after* the writes, so XLA
+updates the buffer in place (a read followed by an in-place write of the same buffer
+makes it copy the whole buffer on CPU). With one worker per device a message is never
+built as a row: each of its parts (a leaf of a channel, the scalars) is added into its
+place where it is computed, so sending costs one read and one write of the message's
+entries in its row.
 
 With a delay model that never gives delay 0 (``early``), the all-reduce should need
 nothing of this step, so that it can overlap this step's backward pass: then the row due
@@ -37,10 +38,12 @@ of adding them, returning the :math:`W` workers' sums.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fsq import _axes
@@ -76,76 +79,119 @@ def init(max_delay: int, width: int, dtype: jnp.dtype, early: bool = False) -> I
     return InFlight(jnp.zeros((rows, width), dtype), jnp.zeros((due,), dtype))
 
 
-def _advance(in_flight: InFlight, step: jax.Array, now: jax.Array, write) -> tuple:
+class Due(NamedTuple):
+    """What is due at a step: row ``index`` of the column blocks ``blocks`` (each
+    ``[rows, n]``; the row is their concatenation).
+
+    Where delivery needs no collective, the blocks are the in-flight buffer itself, or,
+    without delays, the message's parts, so that the row is read where it is used
+    (:func:`read`) instead of being copied first.
+    """
+
+    blocks: tuple[jax.Array, ...]
+    index: jax.Array
+
+
+def as_due(*parts: jax.Array) -> Due:
+    """A due row made of ``parts``, held on their own."""
+    return Due(tuple(p[None] for p in parts), jnp.int32(0))
+
+
+def row_width(due: Due) -> int:
+    """Entries of the due row."""
+    return sum(b.shape[1] for b in due.blocks)
+
+
+def read(due: Due, start: int = 0, size: int | None = None) -> jax.Array:
+    """Entries ``start .. start + size`` (default: to the end) of the due row."""
+    size = row_width(due) - start if size is None else size
+    pieces, offset = [], 0
+    for block in due.blocks:
+        low, high = max(start, offset), min(start + size, offset + block.shape[1])
+        if low < high:
+            pieces.append(lax.dynamic_slice(block, (due.index, low - offset), (1, high - low))[0])
+        offset += block.shape[1]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+
+def _advance(in_flight: InFlight, step: jax.Array, write) -> tuple[Due, InFlight]:
     """The ring step shared by both exchanges: empty the row read last (the due row of the
-    last step, or, read early, of this step), let ``write(slots, num_slots)`` add the late
-    messages, then read a due row: this step's, or the next one's when read early (it is
-    delivered a step later, from ``due``). Returns ``(this step's due row + now, buffer)``.
+    last step, or, read early, of this step), let ``write(slots, num_slots)`` add this
+    step's messages (a message with delay 0 lands in this step's row, read next), then
+    find the due row: this step's, or, read early, the one kept from the last step (and
+    the next one's is read now). Returns ``(this step's due row, buffer)``.
     """
     slots, due = in_flight
     num_slots = slots.shape[0]
-    if not num_slots:
-        return now, in_flight
     ahead = int(due.size > 0)
-    slots = lax.dynamic_update_index_in_dim(
-        slots, jnp.zeros_like(now), (step - 1 + ahead) % num_slots, 0
-    )
+    empty = jnp.zeros(slots.shape[1:], slots.dtype)
+    slots = lax.dynamic_update_index_in_dim(slots, empty, (step - 1 + ahead) % num_slots, 0)
     slots = write(slots, num_slots)
-    row = lax.dynamic_index_in_dim(slots, (step + ahead) % num_slots, keepdims=False)
     if ahead:
-        return now + due, InFlight(slots, row)
-    return now + row, in_flight._replace(slots=slots)
+        row = lax.dynamic_index_in_dim(slots, (step + 1) % num_slots, keepdims=False)
+        return as_due(due), InFlight(slots, row)
+    return Due((slots,), step % num_slots), in_flight._replace(slots=slots)
 
 
 def exchange(
     in_flight: InFlight,
-    message: jax.Array,
+    parts: Sequence[jax.Array],
     delay: jax.Array,
     step: jax.Array,
     local_axes: tuple[str, ...],
     device_axes: tuple[str, ...],
     per_worker: bool = False,
-    immediate: bool = True,
-) -> tuple[jax.Array, InFlight]:
-    """Sends this worker's ``message`` with ``delay``; returns the sum of all messages due
-    at ``step`` (over every worker) and the buffer without them.
+) -> tuple[Due, InFlight]:
+    """Sends this worker's message, the concatenation of ``parts``, with ``delay``; returns
+    the sum of all messages due at ``step`` (over every worker) and the buffer without them.
 
     The messages of the workers sharing this device (``local_axes``, vmap axes) are
-    gathered first, which costs nothing under vmap. The only collective is one
-    all-reduce of one row over the device-spanning axes. With ``per_worker``, each
-    worker's messages are kept apart and the result is ``[W, width]``: every worker's sum
-    of messages due at ``step``, gathered (the one collective) in global worker order.
-    With ``immediate=False`` (the delay model never gives delay 0) the collective reads
-    only the buffer, not this step's messages, so it can overlap this step's backward pass.
+    gathered first, which costs nothing under vmap. With one worker per device, each part
+    is added into its place in the due row where it is computed: the message itself is
+    never built. The only collective is one all-reduce of one row over the device-spanning
+    axes (none over one device: the row is then read in place). With ``per_worker``, each
+    worker's messages are kept apart and the due row holds ``W`` message widths: every
+    worker's sum of messages due at ``step``, gathered (the one collective) in global
+    worker order. With a buffer read early (delay models that never give delay 0) the
+    collective reads only the buffer, not this step's messages, so it can overlap this
+    step's backward pass.
     """
-    messages = _axes.stack(message, local_axes)
+    pieces = [_axes.stack(p, local_axes) for p in parts]
     delays = _axes.stack(jnp.asarray(delay, jnp.int32), local_axes)
-    num_local, width = messages.shape
-    if immediate:
-        now = jnp.where((delays == 0)[:, None], messages, 0)
-        now = jnp.ravel(now) if per_worker else jnp.sum(now, axis=0)
-    else:
-        now = jnp.zeros(num_local * width if per_worker else width, messages.dtype)
+    num_local = delays.shape[0]
+    if num_local > 1:
+        # Several workers per device: one update per worker, of its whole message.
+        # Per part, the hundreds of small updates cost more than building the messages.
+        pieces = [jnp.concatenate(pieces, axis=1)]
+    sizes = [p.shape[1] for p in pieces]
+    message_width = sum(sizes)
+    offsets = np.cumsum([0, *sizes[:-1]])
 
     def write(slots, num_slots):
-        # One in-place row update per local worker, unrolled: a scatter, or a loop carrying
-        # the buffer, makes XLA copy the whole buffer on CPU.
+        # One in-place update per local worker and piece, unrolled: a scatter, or a loop
+        # carrying the buffer, makes XLA copy the whole buffer on CPU.
         for i in range(num_local):
-            at = ((step + delays[i]) % num_slots, i * width if per_worker else 0)
-            late = jnp.where(delays[i] > 0, messages[i], jnp.zeros_like(messages[i]))
-            slots = lax.dynamic_update_slice(
-                slots, lax.dynamic_slice(slots, at, (1, width)) + late, at
-            )
+            row = (step + delays[i]) % num_slots
+            for piece, size, offset in zip(pieces, sizes, offsets, strict=True):
+                at = (row, offset + (i * message_width if per_worker else 0))
+                added = lax.dynamic_slice(slots, at, (1, size)) + piece[i][None]
+                slots = lax.dynamic_update_slice(slots, added, at)
         return slots
 
-    total, in_flight = _advance(in_flight, step, now, write)
-    if per_worker:
-        if device_axes:
-            total = lax.all_gather(total, device_axes, tiled=True)
-        return total.reshape(-1, width), in_flight
-    if device_axes:
-        total = lax.psum(total, device_axes)
-    return total, in_flight
+    if in_flight.slots.shape[0]:
+        due, in_flight = _advance(in_flight, step, write)
+    elif num_local == 1:  # no delays: the message is due now, as it is
+        due = as_due(*(piece[0] for piece in pieces))
+    else:  # no delays: every message is due now
+        messages = pieces[0]
+        due = as_due(jnp.ravel(messages) if per_worker else jnp.sum(messages, axis=0))
+    # Over one device the collective would only copy the row: skip it.
+    spanned = tuple(a for a in device_axes if lax.axis_size(a) > 1)
+    if spanned:
+        row = read(due)
+        row = lax.all_gather(row, spanned, tiled=True) if per_worker else lax.psum(row, spanned)
+        due = as_due(row)
+    return due, in_flight
 
 
 def exchange_sparse(
@@ -157,7 +203,7 @@ def exchange_sparse(
     axes: tuple[str, ...],
     width: int,
     shared_positions: bool = False,
-) -> tuple[jax.Array, InFlight]:
+) -> tuple[Due, InFlight]:
     """:func:`exchange` for a sparse message: ``values`` at ``positions`` of a row of
     ``width`` entries.
 
@@ -182,11 +228,10 @@ def exchange_sparse(
     if not shared_positions:
         positions = integers[:, 1:]
     positions = jnp.broadcast_to(positions, values.shape)
+    if not in_flight.slots.shape[0]:
+        return as_due(jnp.zeros(width, values.dtype).at[positions].add(values)), in_flight
     return _advance(
         in_flight,
         step,
-        jnp.zeros(width, values.dtype).at[positions].add(jnp.where(delays == 0, values, 0)),
-        lambda slots, num_slots: slots.at[(step + delays) % num_slots, positions].add(
-            jnp.where(delays > 0, values, 0)
-        ),
+        lambda slots, num_slots: slots.at[(step + delays) % num_slots, positions].add(values),
     )

@@ -9,7 +9,7 @@ collective per step, however many leaves the model has.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,30 +23,34 @@ def width(like: PyTree, num_trees: int, num_scalars: int) -> int:
     return num_trees * sum(int(np.size(x)) for x in jax.tree.leaves(like)) + num_scalars
 
 
-def pack(
+def parts(
     trees: Sequence[PyTree],
     scalars: Sequence[jax.Array],
     dtype: jnp.dtype,
     scale: jax.Array | float = 1.0,
     valid: jax.Array | bool = True,
-) -> jax.Array:
-    """Concatenates ``scale`` times the leaves of ``trees`` (in order), then ``scalars``.
+) -> list[jax.Array]:
+    """The pieces of a message, in row order: ``scale`` times the leaves of ``trees``
+    (flat, in order), then the scalars. Their concatenation is the message; kept apart,
+    each can be added into a row of the in-flight buffer where it is computed, without
+    first building the message (a pass over the message less).
 
     Where ``valid`` is false the trees are sent as zeros: a select, not a multiply (``0 *
-    NaN`` is NaN), fused into the copy that packing makes anyway.
+    NaN`` is NaN), fused into whatever consumes the piece.
     """
     scale = jnp.asarray(scale, dtype)
-    parts = [
+    pieces = [
         jnp.where(valid, scale * jnp.ravel(x).astype(dtype), 0)
         for tree in trees
         for x in jax.tree.leaves(tree)
     ]
-    parts.append(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
-    return jnp.concatenate(parts)
+    pieces.append(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
+    return pieces
 
 
-def unpack(row: jax.Array, like: PyTree, num_trees: int) -> tuple[list[PyTree], jax.Array]:
-    """Inverse of :func:`pack`: ``num_trees`` trees shaped like ``like``, and the scalars.
+def unpack(read: Callable[[int, int], jax.Array], like: PyTree, num_trees: int) -> list[PyTree]:
+    """Inverse of concatenating :func:`parts`: ``num_trees`` trees shaped like ``like``,
+    from ``read(start, size)``, the row's entries ``start .. start + size``.
 
     The trees keep the row's dtype, so sums can be rescaled before any rounding.
     """
@@ -55,7 +59,7 @@ def unpack(row: jax.Array, like: PyTree, num_trees: int) -> tuple[list[PyTree], 
     for _ in range(num_trees):
         parts = []
         for x in leaves:
-            parts.append(row[offset : offset + x.size].reshape(x.shape))
+            parts.append(read(offset, x.size).reshape(x.shape))
             offset += x.size
         trees.append(jax.tree.unflatten(treedef, parts))
-    return trees, row[offset:]
+    return trees
