@@ -488,9 +488,12 @@ def flying_squirrel(
             residuals = per_worker.write(residual, axes.local)
         if worker_momentum is not None:
             momenta = per_worker.write(velocity, axes.local)
-        parts = wire.parts(trees, scalars, slots.dtype, scalars.weight, finite)
+
+        def parts():
+            return wire.parts(trees, scalars, slots.dtype, scalars.weight, finite)
+
         if sparse:
-            message = jnp.concatenate(parts)
+            message = jnp.concatenate(parts())
             size = (message.size - num_scalars) // num_trees
             positions = jnp.concatenate(
                 [kept + c * size for c in range(num_trees)]

@@ -38,7 +38,7 @@ of adding them, returning the :math:`W` workers' sums.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -83,12 +83,14 @@ class Due(NamedTuple):
     """What is due at a step: row ``index`` of the column blocks ``blocks`` (each
     ``[rows, n]``; the row is their concatenation).
 
-    Where delivery needs no collective, the blocks are the in-flight buffer itself, or,
-    without delays, the message's parts, so that the row is read where it is used
-    (:func:`read`) instead of being copied first.
+    Where delivery needs no collective, the blocks are the in-flight buffer itself, so
+    that the row is read where it is used (:func:`read`) instead of being copied first;
+    or, when the only message due is the one just sent (no delays, one worker), a
+    function that computes its parts, called where they are read, so that XLA fuses
+    them into their use instead of writing them out first.
     """
 
-    blocks: tuple[jax.Array, ...]
+    blocks: tuple[jax.Array, ...] | Callable[[], tuple[jax.Array, ...]]
     index: jax.Array
 
 
@@ -97,16 +99,20 @@ def as_due(*parts: jax.Array) -> Due:
     return Due(tuple(p[None] for p in parts), jnp.int32(0))
 
 
+def _blocks(due: Due) -> tuple[jax.Array, ...]:
+    return due.blocks() if callable(due.blocks) else due.blocks
+
+
 def row_width(due: Due) -> int:
     """Entries of the due row."""
-    return sum(b.shape[1] for b in due.blocks)
+    return sum(b.shape[1] for b in _blocks(due))
 
 
 def read(due: Due, start: int = 0, size: int | None = None) -> jax.Array:
     """Entries ``start .. start + size`` (default: to the end) of the due row."""
     size = row_width(due) - start if size is None else size
     pieces, offset = [], 0
-    for block in due.blocks:
+    for block in _blocks(due):
         low, high = max(start, offset), min(start + size, offset + block.shape[1])
         if low < high:
             pieces.append(lax.dynamic_slice(block, (due.index, low - offset), (1, high - low))[0])
@@ -135,15 +141,16 @@ def _advance(in_flight: InFlight, step: jax.Array, write) -> tuple[Due, InFlight
 
 def exchange(
     in_flight: InFlight,
-    parts: Sequence[jax.Array],
+    message: Callable[[], Sequence[jax.Array]],
     delay: jax.Array,
     step: jax.Array,
     local_axes: tuple[str, ...],
     device_axes: tuple[str, ...],
     per_worker: bool = False,
 ) -> tuple[Due, InFlight]:
-    """Sends this worker's message, the concatenation of ``parts``, with ``delay``; returns
-    the sum of all messages due at ``step`` (over every worker) and the buffer without them.
+    """Sends this worker's message, the concatenation of the parts ``message()`` returns,
+    with ``delay``; returns the sum of all messages due at ``step`` (over every worker)
+    and the buffer without them.
 
     The messages of the workers sharing this device (``local_axes``, vmap axes) are
     gathered first, which costs nothing under vmap. With one worker per device, each part
@@ -156,37 +163,43 @@ def exchange(
     collective reads only the buffer, not this step's messages, so it can overlap this
     step's backward pass.
     """
-    pieces = [_axes.stack(p, local_axes) for p in parts]
-    delays = _axes.stack(jnp.asarray(delay, jnp.int32), local_axes)
-    num_local = delays.shape[0]
-    if num_local > 1:
-        # Several workers per device: one update per worker, of its whole message.
-        # Per part, the hundreds of small updates cost more than building the messages.
-        pieces = [jnp.concatenate(pieces, axis=1)]
-    sizes = [p.shape[1] for p in pieces]
-    message_width = sum(sizes)
-    offsets = np.cumsum([0, *sizes[:-1]])
-
-    def write(slots, num_slots):
-        # One in-place update per local worker and piece, unrolled: a scatter, or a loop
-        # carrying the buffer, makes XLA copy the whole buffer on CPU.
-        for i in range(num_local):
-            row = (step + delays[i]) % num_slots
-            for piece, size, offset in zip(pieces, sizes, offsets, strict=True):
-                at = (row, offset + (i * message_width if per_worker else 0))
-                added = lax.dynamic_slice(slots, at, (1, size)) + piece[i][None]
-                slots = lax.dynamic_update_slice(slots, added, at)
-        return slots
-
-    if in_flight.slots.shape[0]:
-        due, in_flight = _advance(in_flight, step, write)
-    elif num_local == 1:  # no delays: the message is due now, as it is
-        due = as_due(*(piece[0] for piece in pieces))
-    else:  # no delays: every message is due now
-        messages = pieces[0]
-        due = as_due(jnp.ravel(messages) if per_worker else jnp.sum(messages, axis=0))
+    num_local = _axes.local_count(local_axes)
     # Over one device the collective would only copy the row: skip it.
     spanned = tuple(a for a in device_axes if lax.axis_size(a) > 1)
+
+    def gathered():
+        """The parts of the device's workers' messages, ``[num_local, n]`` each."""
+        pieces = [_axes.stack(p, local_axes) for p in message()]
+        if num_local > 1:
+            # Several workers per device: one update per worker, of its whole message.
+            # Per part, the hundreds of small updates cost more than building the messages.
+            pieces = [jnp.concatenate(pieces, axis=1)]
+        return pieces
+
+    if in_flight.slots.shape[0]:
+        pieces = gathered()
+        delays = _axes.stack(jnp.asarray(delay, jnp.int32), local_axes)
+        sizes = [p.shape[1] for p in pieces]
+        message_width = sum(sizes)
+        offsets = np.cumsum([0, *sizes[:-1]])
+
+        def write(slots, num_slots):
+            # One in-place update per local worker and piece, unrolled: a scatter, or a
+            # loop carrying the buffer, makes XLA copy the whole buffer on CPU.
+            for i in range(num_local):
+                row = (step + delays[i]) % num_slots
+                for piece, size, offset in zip(pieces, sizes, offsets, strict=True):
+                    at = (row, offset + (i * message_width if per_worker else 0))
+                    added = lax.dynamic_slice(slots, at, (1, size)) + piece[i][None]
+                    slots = lax.dynamic_update_slice(slots, added, at)
+            return slots
+
+        due, in_flight = _advance(in_flight, step, write)
+    elif num_local == 1 and not spanned:  # no delays: the message just sent, as it is
+        due = Due(lambda: tuple(gathered()), jnp.int32(0))
+    else:  # no delays: every message is due now
+        messages = jnp.concatenate(gathered(), axis=1)
+        due = as_due(jnp.ravel(messages) if per_worker else jnp.sum(messages, axis=0))
     if spanned:
         row = read(due)
         row = lax.all_gather(row, spanned, tiled=True) if per_worker else lax.psum(row, spanned)
