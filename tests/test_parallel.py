@@ -126,15 +126,17 @@ def collectives(text):
     }
 
 
-@pytest.mark.parametrize("num_workers", [8, 32])
-def test_one_collective_per_step_for_the_whole_model(num_workers):
+@pytest.mark.parametrize(("num_workers", "num_devices"), [(8, 8), (32, 8), (8, 1)])
+def test_one_collective_per_step_for_the_whole_model(num_workers, num_devices):
     tx = squirrel(num_workers, fsq.parallel.AXIS_NAME)
-    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=num_workers)
+    mesh = fsq.parallel.make_mesh(num_devices)
+    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=num_workers, mesh=mesh)
     state = dp.init(init_params())
     text = dp.step.lower(state, make_data(num_workers)).as_text()
-    # Three parameter leaves, yet one all-reduce; gathering local workers costs nothing.
+    # Three parameter leaves, yet one all-reduce; gathering local workers costs nothing;
+    # over one device there is nothing to reduce.
     assert collectives(text) == {
-        "all_reduce": 1,
+        "all_reduce": int(num_devices > 1),
         "all_gather": 0,
         "all_to_all": 0,
         "collective_permute": 0,
