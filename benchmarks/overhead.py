@@ -5,7 +5,9 @@ The synchronous reference is what users write by hand: local gradients in a shar
 one ``pmean``, the optax update. Reported: median step time over interleaved
 repetitions, and the ratio to the synchronous step.
 
-Run: ``python -m benchmarks.overhead [--devices 1] [--width 1024] [--batches 32 256]``.
+Run: ``python -m benchmarks.overhead [--devices 1] [--width 1024] [--batches 32 256]``;
+``--profile STEP`` lists instead where the time of one step goes (a ``jax.profiler``
+trace: the operations of its compiled program by time per step).
 
 The ratio depends on the batch: Flying Squirrel's extra work is a fixed number of passes
 over the parameters per step, the gradient's cost grows with the batch. Next to the
@@ -34,6 +36,12 @@ def main() -> None:
         "--batches", type=int, nargs="+", default=[32, 256], help="examples per worker"
     )
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument(
+        "--profile",
+        metavar="STEP",
+        help="instead of timing, list where the time of this step goes (e.g. 'flying squirrel, "
+        "uniform(16), default') from a jax.profiler trace",
+    )
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
 
@@ -121,6 +129,12 @@ def main() -> None:
 
             thunks[f"flying squirrel, {name}"] = thunk
 
+        if args.profile is not None:
+            if args.profile not in thunks:
+                parser.error(f"--profile must be one of {list(thunks)}, got {args.profile!r}")
+            print(f"batch {batch_size}, {args.profile}:")
+            timing.print_table(timing.profile(thunks[args.profile]))
+            continue
         medians = timing.median_seconds(thunks, repeats=args.repeats)
         base = medians["synchronous (hand-written)"]
         rows += [
@@ -134,6 +148,8 @@ def main() -> None:
             }
             for name, t in medians.items()
         ]
+    if args.profile is not None:
+        return
     print(f"{workers} workers on {workers} devices, MLP {sizes}, {num_params} params")
     timing.print_table(rows)
     path = timing.save(
