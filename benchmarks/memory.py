@@ -6,8 +6,8 @@ in-flight buffer and the rest, next to the documented formula
     in_flight = (max_delay + 1) * R * (C * P + 6) * 4 bytes (0 without delays),
     C = 1 (3 with compensation), R = 1 (W / D with a robust aggregation)
 
-(P parameters, C gradient channels, 6 bookkeeping scalars per row, float32: max_delay
-slots and the row due next; a robust rule keeps each of the device's W / D workers'
+(P parameters, C gradient channels, 6 bookkeeping scalars per row, float32: max_delay + 1
+ring rows; a robust rule keeps each of the device's W / D workers'
 messages apart); the peak memory of the compiled step (``memory_analysis``); and the
 count and bytes of the collectives in the compiled HLO of one step, for the dense
 exchange (one all-reduce), the sparse one of top-k and random-k (one all-gather of the

@@ -522,7 +522,7 @@ def flying_squirrel(
             )
             scalar_sums = jnp.sum(total[:, -num_scalars:], axis=0)
             due = delivery.as_due(jnp.concatenate([robust_sum, scalar_sums]))
-        arrived = Scalars(*delivery.read(due, delivery.row_width(due) - num_scalars))
+        arrived = Scalars(*delivery.read(due, -num_scalars))
         delivered = jnp.round(arrived.count).astype(jnp.int32)
         # Gradient scope: the scaled sum over W. Step scope: the weighted mean, and the
         # inner step is scaled by the total weight over W.
@@ -530,7 +530,8 @@ def flying_squirrel(
 
         def step_inner(_):
             # Unpacking inside the branch lets XLA fuse it into the inner update.
-            sums = wire.unpack(functools.partial(delivery.read, due), updates, num_trees)
+            here = delivery.computed(due)
+            sums = wire.unpack(functools.partial(delivery.read, here), updates, num_trees)
             comp_state = state.compensation
             if config is None:
                 (delivered_sum,) = sums

@@ -14,7 +14,7 @@ def test_profile_finds_the_operations_of_the_compiled_program():
     rows = timing.profile(lambda: step(x), steps=4)
     names = [row["operation"] for row in rows]
     # Some operation of the compiled program is listed, and it ran once per call.
-    ran = [row for row in rows if row["operation"] in hlo and f"%{row['operation']} " in hlo]
+    ran = [row for row in rows if f"%{row['operation']} " in hlo]
     assert ran, names
     np.testing.assert_allclose([row["runs_per_call"] for row in ran], 1.0)
     assert all(row["ms_per_call"] >= 0 for row in rows)

@@ -99,20 +99,21 @@ def as_due(*parts: jax.Array) -> Due:
     return Due(tuple(p[None] for p in parts), jnp.int32(0))
 
 
-def _blocks(due: Due) -> tuple[jax.Array, ...]:
-    return due.blocks() if callable(due.blocks) else due.blocks
-
-
-def row_width(due: Due) -> int:
-    """Entries of the due row."""
-    return sum(b.shape[1] for b in _blocks(due))
+def computed(due: Due) -> Due:
+    """``due`` with its blocks computed, once, in the current scope: call it where the row
+    is read (for a message read where it is used, inside the inner step's branch)."""
+    return due._replace(blocks=due.blocks()) if callable(due.blocks) else due
 
 
 def read(due: Due, start: int = 0, size: int | None = None) -> jax.Array:
-    """Entries ``start .. start + size`` (default: to the end) of the due row."""
-    size = row_width(due) - start if size is None else size
+    """Entries ``start .. start + size`` (default: to the end) of the due row; a negative
+    ``start`` counts from the end."""
+    blocks = computed(due).blocks
+    width = sum(b.shape[1] for b in blocks)
+    start = start % width if start < 0 else start
+    size = width - start if size is None else size
     pieces, offset = [], 0
-    for block in _blocks(due):
+    for block in blocks:
         low, high = max(start, offset), min(start + size, offset + block.shape[1])
         if low < high:
             pieces.append(lax.dynamic_slice(block, (due.index, low - offset), (1, high - low))[0])
