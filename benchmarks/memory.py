@@ -3,15 +3,16 @@
 For each feature combination: the bytes of optimizer state per device, split into the
 in-flight buffer and the rest, next to the documented formula
 
-    in_flight = (max_delay + 1) * R * (C * P + 6) * 4 bytes (0 without delays),
+    in_flight = (max_delay + 1) * R * ((C * P + 6) * 4 + 1) bytes (0 without delays),
     C = 1 (3 with compensation), R = 1 (W / D with a robust aggregation)
 
 (P parameters, C gradient channels, 6 bookkeeping scalars per row, float32: max_delay + 1
-ring rows; a robust rule keeps each of the device's W / D workers'
-messages apart); the peak memory of the compiled step (``memory_analysis``); and the
-count and bytes of the collectives in the compiled HLO of one step, for the dense
-exchange (one all-reduce), the sparse one of top-k and random-k (one all-gather of the
-kept pairs), and a robust rule (one all-gather of every worker's row).
+ring rows, each with a one-byte mark of whether it holds messages; a robust rule keeps
+each of the device's W / D workers' messages apart); the peak memory of the compiled
+step (``memory_analysis``); and the count and bytes of the collectives in the compiled
+HLO of one step, for the dense exchange (one all-reduce), the sparse one of top-k and
+random-k (one all-gather of the kept pairs), and a robust rule (one all-gather of every
+worker's row).
 
 Run: ``python -m benchmarks.memory [--devices 8] [--workers 32]``.
 """
@@ -107,7 +108,7 @@ def main() -> None:
             per_device_bytes(state.opt_state),
         )
         slots = max_delay + 1 if max_delay else 0
-        formula = slots * rows_per_slot * (channels * num_params + 6) * 4
+        formula = slots * rows_per_slot * ((channels * num_params + 6) * 4 + 1)
         compiled = dp.step.lower(state, batch).compile()
         memory = compiled.memory_analysis()
         comms = collective_bytes(compiled.as_text())

@@ -360,7 +360,13 @@ def flying_squirrel(
         empty = optax.EmptyState()
         return FlyingSquirrelState(
             step=jnp.zeros([], jnp.int32),
-            in_flight=delivery.init(model.max_delay, width, dtype, early=min_delay > 0),
+            in_flight=delivery.init(
+                model.max_delay,
+                width,
+                dtype,
+                early=min_delay > 0,
+                segments=width // wire.width(params, num_trees, num_scalars),
+            ),
             inner_state=inner.init(params),
             compensation=empty if config is None else dc.init(config, params),
             delivered=jnp.zeros([], jnp.int32),

@@ -38,15 +38,15 @@ def make_data(num_workers):
     return jnp.asarray(x), jnp.asarray(y)
 
 
-def squirrel(num_workers, axis_name):
+def squirrel(num_workers, axis_name, delay=DELAY):
     return fsq.flying_squirrel(
-        fsq.adam(0.05), num_workers=num_workers, axis_name=axis_name, delay=DELAY, seed=SEED
+        fsq.adam(0.05), num_workers=num_workers, axis_name=axis_name, delay=delay, seed=SEED
     )
 
 
-def run_plain_vmap(num_workers):
+def run_plain_vmap(num_workers, delay=DELAY, steps=STEPS):
     """Reference layout: one jax.vmap over a single axis, written by hand."""
-    tx = squirrel(num_workers, "workers")
+    tx = squirrel(num_workers, "workers", delay)
     data = make_data(num_workers)
 
     def worker(params, state, shard):
@@ -58,20 +58,20 @@ def run_plain_vmap(num_workers):
     state = jax.vmap(
         tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name="workers"
     )(params)
-    for _ in range(STEPS):
+    for _ in range(steps):
         params, state = step(params, state, data)
     return params
 
 
-def run_parallel(num_workers, backend, num_devices=None):
-    tx = squirrel(num_workers, fsq.parallel.AXIS_NAME)
+def run_parallel(num_workers, backend, num_devices=None, delay=DELAY, steps=STEPS):
+    tx = squirrel(num_workers, fsq.parallel.AXIS_NAME, delay)
     mesh = None if num_devices is None else fsq.parallel.make_mesh(num_devices)
     dp = fsq.parallel.data_parallel(
         mlp_loss, tx, num_workers=num_workers, backend=backend, mesh=mesh
     )
     state = dp.init(init_params())
     data = make_data(num_workers)
-    for _ in range(STEPS):
+    for _ in range(steps):
         state, losses = dp.step(state, data)
     assert losses.shape == (num_workers,)
     return state
@@ -100,6 +100,20 @@ def test_every_layout_gives_the_same_run(num_workers, backend, num_devices):
     # One ring of max_delay + 1 = 5 rows per device, the devices' rings concatenated.
     ring = state.opt_state.in_flight.slots
     assert ring.shape[0] == 5 * (1 if backend == "vmap" else num_devices)
+
+
+@pytest.mark.parametrize("choices", [(0, 3, 5), (1, 2, 5)], ids=["from-0", "never-0"])
+@pytest.mark.parametrize("num_devices", [8, 1])
+def test_one_worker_per_device_over_whole_cycles(choices, num_devices):
+    # One worker per device adds each part of its message into its row where it is
+    # computed. All workers of a step share its delay, so rows stay empty for whole
+    # cycles after they were delivered (never 0: the due row is read a step early).
+    per_step = np.random.default_rng(5).choice(choices, size=(9, 1))
+    delay = delays.trace(np.broadcast_to(per_step, (9, num_devices)))
+    want = run_plain_vmap(num_devices, delay, steps=20)
+    state = run_parallel(num_devices, "shard_map", num_devices, delay, steps=20)
+    for got, ref in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_delay_zero_shard_map_equals_single_device_full_batch():

@@ -131,6 +131,20 @@ def numpy_event_simulation(grad_np, table, lr, steps):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_delay_trace_matches_event_simulation(seed):
     table = np.random.default_rng(seed).integers(0, 6, size=(7, W))
+    check_trace_against_event_simulation(table)
+
+
+@pytest.mark.parametrize("choices", [(0, 3, 5), (1, 2, 5)], ids=["from-0", "never-0"])
+def test_rows_left_empty_for_whole_cycles_deliver_nothing(choices):
+    # All workers of a step share its delay, so many ring rows get no message for a whole
+    # cycle after they were delivered: what they held must not come back. Never 0: the due
+    # row is read one step early.
+    per_step = np.random.default_rng(3).choice(choices, size=(11, 1))
+    delivered = check_trace_against_event_simulation(np.broadcast_to(per_step, (11, W)))
+    assert np.any(delivered[2 * max(choices) :] == 0)  # rows left empty after delivery
+
+
+def check_trace_against_event_simulation(table):
     lr, steps = 0.2, 25
     tx = fsq.flying_squirrel(fsq.sgd(lr), num_workers=W, delay=delays.trace(table), **PLAIN)
     _, _, (trajectory, delivered, staleness) = run(
@@ -140,6 +154,7 @@ def test_random_delay_trace_matches_event_simulation(seed):
     np.testing.assert_allclose(trajectory, want[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(delivered, want[1])
     np.testing.assert_allclose(staleness, want[2], rtol=1e-6)
+    return delivered
 
 
 # --- Delay 0 is synchronous data-parallel training ---------------------------------------
@@ -279,8 +294,11 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
                 tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS
             )
             state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
-            # max_delay + 1 rows x (33 params x channels + 6 scalars)
-            assert state.in_flight.slots.shape == (7, 33 * channels + 6)
+            # max_delay + 1 rows x (33 params x channels + 6 scalars), float32, and a
+            # one-byte mark per row
+            assert state.in_flight.pending().shape == (7, 33 * channels + 6)
+            in_flight_bytes = sum(x.nbytes for x in jax.tree.leaves(state.in_flight))
+            assert in_flight_bytes == 7 * (33 * channels + 6) * 4 + 7
 
 
 def test_bfloat16_params_get_bfloat16_updates():
@@ -289,7 +307,7 @@ def test_bfloat16_params_get_bfloat16_updates():
     init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=2, axis_name=AXIS)
     update = jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name=AXIS)
     state = init(params)
-    assert state.in_flight.slots.dtype == jnp.float32  # sums are kept in float32
+    assert state.in_flight.pending().dtype == jnp.float32  # sums are kept in float32
     updates, _ = update({"w": jnp.ones((2, 3), jnp.bfloat16)}, state, params)
     assert updates["w"].dtype == jnp.bfloat16
     assert not np.allclose(np.asarray(updates["w"], np.float32), 0.0)
@@ -324,7 +342,7 @@ def test_non_finite_gradients_are_rejected_and_counted(extras):
         g = grads[t] if t < steps else np.zeros((W, 3), np.float32)
         updates, state = update(jnp.asarray(g), state, params)
         params = optax.apply_updates(params, updates)
-        assert np.all(np.isfinite(params)) and np.all(np.isfinite(state.in_flight.slots))
+        assert np.all(np.isfinite(params)) and np.all(np.isfinite(state.in_flight.pending()))
         rejected.append(int(state.rejected))
     assert rejected == [0, 0, 0, 1, 0, 1, 0, 0]  # counted when they were due (t + 2)
     if extras is PLAIN:  # 1/W of everything that was finite, nothing else
