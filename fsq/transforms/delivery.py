@@ -80,8 +80,13 @@ class InFlight(NamedTuple):
     def pending(self) -> jax.Array:
         """``[rows, width]``: the sums of the messages in flight, by due row (zeros where a
         row holds none); the row read early (``due``) is not included."""
-        segments = self.filled.shape[1]
-        return self.slots * jnp.repeat(self.filled, self.slots.shape[1] // segments, axis=1)
+        return jnp.where(_entry_marks(self.filled, self.slots.shape[1]), self.slots, 0)
+
+
+def _entry_marks(filled: jax.Array, width: int) -> jax.Array:
+    """The mark of each entry of rows of ``width`` entries made of equal segments, from
+    the segments' marks ``filled`` (``[..., segments]``)."""
+    return jnp.repeat(filled, width // filled.shape[-1], axis=-1)
 
 
 def init(
@@ -145,11 +150,9 @@ def read(due: Due, start: int = 0, size: int | None = None) -> jax.Array:
     entries = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
     if due.filled is None:
         return entries
-    segments = due.filled.shape[0]
-    if segments == 1:
+    if due.filled.shape[0] == 1:  # one mark for the row: a scalar select
         return jnp.where(due.filled[0], entries, 0)
-    filled = jnp.repeat(due.filled, width // segments)[start : start + size]
-    return jnp.where(filled, entries, 0)
+    return jnp.where(_entry_marks(due.filled, width)[start : start + size], entries, 0)
 
 
 def _advance(
