@@ -337,12 +337,15 @@ def flying_squirrel(
     num_scalars = len(Scalars._fields)
     inner = optax.with_extra_args_support(inner)
 
-    def buffer_width(like: optax.Params) -> int:
-        """Entries of an in-flight row: one message, or one per local worker if kept apart."""
-        message = wire.width(like, num_trees, num_scalars)
+    def row_segments() -> int:
+        """Messages side by side in an in-flight row: one per local worker if kept apart."""
         if not robust.per_worker:
-            return message
-        return message * _axes.local_count(_axes.resolve(names, num_workers).local)
+            return 1
+        return _axes.local_count(_axes.resolve(names, num_workers).local)
+
+    def buffer_width(like: optax.Params) -> int:
+        """Entries of an in-flight row."""
+        return wire.width(like, num_trees, num_scalars) * row_segments()
 
     def wire_bytes(params: optax.Params) -> float:
         sizes = [x.size for x in jax.tree.leaves(params)]
@@ -365,7 +368,7 @@ def flying_squirrel(
                 width,
                 dtype,
                 early=min_delay > 0,
-                segments=width // wire.width(params, num_trees, num_scalars),
+                segments=row_segments(),
             ),
             inner_state=inner.init(params),
             compensation=empty if config is None else dc.init(config, params),
