@@ -10,6 +10,7 @@ configuration and compares.
 from __future__ import annotations
 
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,78 +25,47 @@ METRICS = ("delivered", "staleness", "bounded", "rejected", "lost", "bytes_sent"
 TRACE = np.random.default_rng(11).integers(0, 5, size=(9, 8))
 OFF = {"staleness": None, "compensation": None}
 
-# name: (workers, backend, devices, inner, flying_squirrel keywords, non-finite gradients)
+
+class Config(NamedTuple):
+    """One recorded run: ``options`` are the keywords of ``fsq.flying_squirrel``."""
+
+    options: dict
+    workers: int = 8
+    backend: str = "vmap"
+    devices: int = 1
+    inner: tuple[str, float] = ("sgd", 0.1)
+    non_finite: bool = False  # a few gradients hold a NaN or an infinity
+
+
+U = fsq.delays.uniform
 CONFIGS = {
-    "sync-sgd": (4, "vmap", 1, ("sgd", 0.1), {"delay": 0, **OFF}, False),
-    "sync-defaults-adam": (8, "vmap", 1, ("adam", 0.01), {"delay": 0}, False),
-    "uniform-defaults-momentum": (
-        8,
-        "vmap",
-        1,
-        ("momentum", 0.05),
-        {"delay": fsq.delays.uniform(6)},
-        False,
+    "sync-sgd": Config({"delay": 0, **OFF}, workers=4),
+    "sync-defaults-adam": Config({"delay": 0}, inner=("adam", 0.01)),
+    "uniform-defaults-momentum": Config({"delay": U(6)}, inner=("momentum", 0.05)),
+    "uniform-plain-adam": Config({"delay": U(6), **OFF}, inner=("adam", 0.01)),
+    "trace-dc-inverse": Config(
+        {"delay": fsq.delays.trace(TRACE), "compensation": 0.5, "staleness": "inverse"}
     ),
-    "uniform-plain-adam": (
-        8,
-        "vmap",
-        1,
-        ("adam", 0.01),
-        {"delay": fsq.delays.uniform(6), **OFF},
-        False,
-    ),
-    "trace-dc-inverse": (
-        8,
-        "vmap",
-        1,
-        ("sgd", 0.1),
-        {"delay": fsq.delays.trace(TRACE), "compensation": 0.5, "staleness": "inverse"},
-        False,
-    ),
-    "geometric-delay-adaptive": (
-        4,
-        "vmap",
-        1,
-        ("adam", 0.01),
+    "geometric-delay-adaptive": Config(
         {
             "delay": fsq.delays.geometric(2.0, 7),
             "compensation": None,
             "staleness": "delay_adaptive",
         },
-        False,
+        workers=4,
+        inner=("adam", 0.01),
     ),
-    "bound-drop": (
-        8,
-        "vmap",
-        1,
-        ("sgd", 0.1),
-        {"delay": fsq.delays.heavy_tailed(8), "max_staleness": 2, **OFF},
-        False,
+    "bound-drop": Config({"delay": fsq.delays.heavy_tailed(8), "max_staleness": 2, **OFF}),
+    "bound-wait-defaults": Config(
+        {"delay": U(5), "max_staleness": 2, "on_stale": "wait"}, inner=("momentum", 0.05)
     ),
-    "bound-wait-defaults": (
-        8,
-        "vmap",
-        1,
-        ("momentum", 0.05),
-        {"delay": fsq.delays.uniform(5), "max_staleness": 2, "on_stale": "wait"},
-        False,
+    "speeds-load-balance": Config(
+        {"delay": fsq.delays.speeds([1.0, 1.5, 2.0, 4.0]), "load_balance": True}, workers=4
     ),
-    "speeds-load-balance": (
-        4,
-        "vmap",
-        1,
-        ("sgd", 0.1),
-        {"delay": fsq.delays.speeds([1.0, 1.5, 2.0, 4.0]), "load_balance": True},
-        False,
-    ),
-    "constant-1-dc": (8, "vmap", 1, ("sgd", 0.1), {"delay": 1, "compensation": 0.3}, False),
-    "faults-median-momentum": (
-        8,
-        "vmap",
-        1,
-        ("sgd", 0.1),
+    "constant-1-dc": Config({"delay": 1, "compensation": 0.3}),
+    "faults-median-momentum": Config(
         {
-            "delay": fsq.delays.uniform(3),
+            "delay": U(3),
             "faults": [
                 fsq.faults.drops(0.2),
                 fsq.faults.crash_recover([2], at=10, until=30),
@@ -104,111 +74,61 @@ CONFIGS = {
             "aggregation": fsq.aggregation.median(mixing=1),
             "worker_momentum": 0.9,
             **OFF,
-        },
-        False,
+        }
     ),
-    "trimmed-mean-random-attack": (
-        8,
-        "vmap",
-        1,
-        ("adam", 0.01),
+    "trimmed-mean-random-attack": Config(
         {
-            "delay": fsq.delays.uniform(2),
+            "delay": U(2),
             "faults": fsq.faults.byzantine([1], "random", 3.0),
             "aggregation": fsq.aggregation.trimmed_mean(0.25),
         },
-        False,
+        inner=("adam", 0.01),
     ),
-    "centered-clip-shard-map": (
-        8,
-        "shard_map",
-        4,
-        ("sgd", 0.1),
+    "centered-clip-shard-map": Config(
         {
-            "delay": fsq.delays.uniform(3),
+            "delay": U(3),
             "faults": fsq.faults.crash([3], at=20),
             "aggregation": fsq.aggregation.centered_clip(2),
             "worker_momentum": 0.5,
         },
-        False,
+        backend="shard_map",
+        devices=4,
     ),
-    "topk-ef-dense": (
-        8,
-        "vmap",
-        1,
-        ("sgd", 0.1),
-        {"delay": fsq.delays.uniform(3), "compression": fsq.compression.top_k(0.2), **OFF},
-        False,
-    ),
-    "topk-sparse-shard-map": (
-        16,
-        "shard_map",
-        8,
-        ("sgd", 0.1),
+    "topk-ef-dense": Config({"delay": U(3), "compression": fsq.compression.top_k(0.2), **OFF}),
+    "topk-sparse-shard-map": Config(
         {
-            "delay": fsq.delays.uniform(3),
+            "delay": U(3),
             "compression": fsq.compression.top_k(0.2),
             "exchange": "sparse",
             **OFF,
         },
-        False,
+        workers=16,
+        backend="shard_map",
+        devices=8,
     ),
-    "randomk-sparse-defaults": (
-        8,
-        "vmap",
-        1,
-        ("momentum", 0.05),
-        {
-            "delay": fsq.delays.uniform(4),
-            "compression": fsq.compression.random_k(0.3),
-            "exchange": "sparse",
-        },
-        False,
+    "randomk-sparse-defaults": Config(
+        {"delay": U(4), "compression": fsq.compression.random_k(0.3), "exchange": "sparse"},
+        inner=("momentum", 0.05),
     ),
-    "sign-defaults": (
-        8,
-        "vmap",
-        1,
-        ("adam", 0.01),
-        {"delay": fsq.delays.uniform(4), "compression": fsq.compression.sign()},
-        False,
+    "sign-defaults": Config(
+        {"delay": U(4), "compression": fsq.compression.sign()}, inner=("adam", 0.01)
     ),
-    "quantize-no-ef": (
-        4,
-        "vmap",
-        1,
-        ("sgd", 0.1),
-        {
-            "delay": 2,
-            "compression": fsq.compression.quantize(4, error_feedback=False),
-            **OFF,
-        },
-        False,
+    "quantize-no-ef": Config(
+        {"delay": 2, "compression": fsq.compression.quantize(4, error_feedback=False), **OFF},
+        workers=4,
     ),
-    "non-finite-defaults": (8, "vmap", 1, ("adam", 0.01), {"delay": fsq.delays.uniform(4)}, True),
-    "shard-map-defaults": (
-        16,
-        "shard_map",
-        8,
-        ("adam", 0.01),
-        {"delay": fsq.delays.uniform(4)},
-        False,
+    "non-finite-defaults": Config({"delay": U(4)}, inner=("adam", 0.01), non_finite=True),
+    "shard-map-defaults": Config(
+        {"delay": U(4)}, workers=16, backend="shard_map", devices=8, inner=("adam", 0.01)
     ),
-    "pmap-dc-c": (
-        8,
-        "pmap",
-        8,
-        ("sgd", 0.1),
-        {"delay": fsq.delays.uniform(3), "compensation": 0.2},
-        True,
+    "pmap-dc-c": Config(
+        {"delay": U(3), "compensation": 0.2}, backend="pmap", devices=8, non_finite=True
     ),
-    "one-per-device-never-zero": (
-        8,
-        "shard_map",
-        8,
-        ("momentum", 0.05),
+    "one-per-device-never-zero": Config(
         {"delay": fsq.delays.trace(TRACE + 1)},
-        False,
+        backend="shard_map",
+        devices=8,
+        inner=("momentum", 0.05),
     ),
 }
 
@@ -244,18 +164,20 @@ def batches(num_workers, non_finite):
 
 def run(name):
     """``(params [steps, P], {metric: [steps]})`` of configuration ``name``."""
-    num_workers, backend, devices, (inner, lr), kwargs, non_finite = CONFIGS[name]
+    config = CONFIGS[name]
+    num_workers, backend = config.workers, config.backend
+    (inner, lr) = config.inner
     tx = fsq.flying_squirrel(
         fsq.get_optimizer(inner, learning_rate=lr),
         num_workers=num_workers,
         axis_name=fsq.parallel.AXIS_NAME,
         seed=5,
-        **kwargs,
+        **config.options,
     )
-    mesh = None if backend == "vmap" else fsq.parallel.make_mesh(devices)
+    mesh = None if backend == "vmap" else fsq.parallel.make_mesh(config.devices)
     dp = fsq.parallel.data_parallel(loss, tx, num_workers=num_workers, backend=backend, mesh=mesh)
     state = dp.init(init_params())
-    x, y = batches(num_workers, non_finite)
+    x, y = batches(num_workers, config.non_finite)
     path, metrics = [], {m: [] for m in METRICS}
     for t in range(STEPS):
         state, _ = dp.step(state, (x[t], y[t]))
