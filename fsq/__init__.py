@@ -1,6 +1,19 @@
 """fsq — Flying Squirrel: fast, delay-tolerant, reproducible distributed gradient descent."""
 
-from fsq import checkpoint, delays, parallel
+from fsq import (
+    aggregation,
+    checkpoint,
+    compensation,
+    compression,
+    delays,
+    faults,
+    parallel,
+    placement,
+    staleness,
+    transforms,
+)
+from fsq.accumulation import AccumulationState, accumulate
+from fsq.assembly import FlyingSquirrelState, asynchronous
 from fsq.optimizers import (
     adagrad,
     adam,
@@ -11,10 +24,8 @@ from fsq.optimizers import (
     rmsprop,
     sgd,
 )
-from fsq.squirrel import FlyingSquirrelState, flying_squirrel
-from fsq.transforms import aggregation, compensation, compression, faults, staleness
-from fsq.transforms.accumulation import AccumulationState, accumulate
-from fsq.transforms.delivery import InFlight
+from fsq.squirrel import flying_squirrel
+from fsq.transforms.ring import InFlight
 
 __version__ = "0.1.0"
 
@@ -26,6 +37,7 @@ __all__ = [
     "adagrad",
     "adam",
     "aggregation",
+    "asynchronous",
     "bgd",
     "checkpoint",
     "compensation",
@@ -37,7 +49,9 @@ __all__ = [
     "momentum",
     "nesterov",
     "parallel",
+    "placement",
     "rmsprop",
     "sgd",
     "staleness",
+    "transforms",
 ]

@@ -19,6 +19,7 @@ class Stream(enum.IntEnum):
     DELAY = 0
     FAULT = 1
     COMPRESSION = 2
+    NOISE = 3
 
 
 def event_key(seed: int, stream: Stream, step: jax.Array, worker: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ from typing import Any
 import optax
 
 from fsq import _checks
-from fsq.transforms.accumulation import accumulate
+from fsq.accumulation import accumulate
 
 ScalarOrSchedule = float | optax.Schedule
 
@@ -58,7 +58,7 @@ def bgd(learning_rate: ScalarOrSchedule, num_microbatches: int) -> optax.Gradien
     With ``k`` equal to the number of minibatches in the data set this is full-batch
     gradient descent: the least noisy direction, deterministic, and the natural reference
     for convergence proofs, at ``k`` gradient evaluations per step. The inner SGD step runs
-    only on the last call of each batch (see :func:`fsq.transforms.accumulation.accumulate`).
+    only on the last call of each batch (see :func:`fsq.accumulate`).
 
     Args:
       learning_rate: :math:`\eta \ge 0`, or a schedule of the batch count.

@@ -16,11 +16,15 @@ backend        ``"devices"`` axis                           use
 The step computes each worker's *local* gradient (``shard_map`` runs with
 ``check_vma=False``, so ``jax.grad`` of replicated parameters is not summed over devices
 behind the user's back), applies ``tx`` per worker and returns the new replicated
-parameters. State that lives on one device (the in-flight buffer of
-:class:`fsq.InFlight`, per-worker vectors such as error-feedback residuals) is stored
-as the devices' blocks concatenated along axis 0, so ``shard_map`` hands each device its
-block without a reshape (a reshape there makes XLA copy the buffer every step);
-everything else is replicated.
+parameters. How each part of the optimizer state is stored follows its declared
+placement (:mod:`fsq.placement`): state shared by the workers of a device (the in-flight
+buffer) is stored as the devices' blocks concatenated along axis 0, so ``shard_map``
+hands each device its block without a reshape (a reshape there makes XLA copy the buffer
+every step); state each worker holds its own of (error-feedback residuals, worker
+momentum) as ``[W, ...]``, batched over the workers of a device; everything else is
+replicated, and must be the same on every worker (a clear error says otherwise).
+:func:`vmap_workers` is the same mapping of workers for one device, as one optax
+transformation of the workers' stacked gradients.
 
 Example:
   >>> import jax, jax.numpy as jnp, fsq
@@ -37,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,8 +53,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fsq import _checks
-from fsq.transforms.delivery import InFlight
-from fsq.transforms.per_worker import PerWorker
+from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
 
 DEVICE_AXIS = "devices"
 WORKER_AXIS = "workers"
@@ -114,25 +118,83 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     )
 
 
-def _is_per_device(x: Any) -> bool:
-    """State that differs across devices: the in-flight buffer, per-worker vectors."""
-    return isinstance(x, InFlight | PerWorker)
-
-
-def _per_device(opt_state: optax.OptState, on_device: Any, replicated: Any) -> Any:
-    """A prefix of ``opt_state``: ``on_device`` for per-device parts, else ``replicated``."""
+def _by_placement(state: Any, per_device: Any, per_worker: Any, replicated: Any) -> Any:
+    """A prefix of ``state``: the value for each declared part's placement, else
+    ``replicated`` for each leaf."""
+    value = {PER_DEVICE: per_device, PER_WORKER: per_worker}
     return jax.tree.map(
-        lambda x: on_device if _is_per_device(x) else replicated, opt_state, is_leaf=_is_per_device
+        lambda x: value.get(placement_of(x), replicated), state, is_leaf=is_declared
     )
 
 
-def _map_per_device(opt_state: optax.OptState, on_device: Callable, replicated: Callable) -> Any:
-    """Applies ``on_device`` to the leaves of per-device parts, ``replicated`` to the rest."""
+def _map_placed(state: Any, spread: Callable, replicated: Callable) -> Any:
+    """Applies ``spread`` to the leaves of per-device and per-worker parts (stored along
+    axis 0 across devices), ``replicated`` to the rest."""
     return jax.tree.map(
-        lambda x: jax.tree.map(on_device, x) if _is_per_device(x) else replicated(x),
-        opt_state,
-        is_leaf=_is_per_device,
+        lambda x: jax.tree.map(spread, x) if is_declared(x) else replicated(x),
+        state,
+        is_leaf=is_declared,
     )
+
+
+def _worker_axes(state: Any) -> Any:
+    """The ``vmap`` axes of ``state`` over the workers of a device: 0 for per-worker parts."""
+    return _by_placement(state, None, 0, None)
+
+
+def vmap_workers(
+    tx: optax.GradientTransformation, *, num_workers: int, axis_name: str = WORKER_AXIS
+) -> optax.GradientTransformationExtraArgs:
+    """``tx`` for ``num_workers`` workers on one device, as one transformation of their
+    stacked gradients: the ``jax.vmap`` over the workers with the right axes for each part
+    of the state, so that nobody writes them by hand.
+
+    ``init(params)`` returns the workers' state (per-worker parts stacked ``[W, ...]``,
+    the rest once); ``update(grads, state, params)``, with ``grads`` leaves ``[W, ...]``,
+    returns the update (the same for every worker, once) and the new state. ``tx`` is
+    called per worker under the axis ``axis_name`` (a Flying Squirrel transform built with
+    the same ``axis_name`` and ``num_workers``).
+
+    Example:
+      >>> import jax.numpy as jnp, fsq
+      >>> tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, worker_momentum=0.5)
+      >>> w = fsq.parallel.vmap_workers(tx, num_workers=2)
+      >>> state = w.init(jnp.zeros(1))
+      >>> updates, state = w.update(jnp.array([[2.0], [4.0]]), state, jnp.zeros(1))
+      >>> print(updates)  # the mean of the workers' momenta 1 and 2
+      [-1.5]
+    """
+    num_workers = _checks.integer("num_workers", num_workers, low=1)
+    workers = {"axis_name": axis_name}
+
+    def init_fn(params):
+        init = functools.partial(jax.vmap, tx.init, in_axes=None, axis_size=num_workers, **workers)
+        axes = _worker_axes(jax.eval_shape(init(out_axes=0), params))
+        return init(out_axes=axes)(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        axes = _worker_axes(state)
+
+        def update(grads, state):
+            return tx.update(grads, state, params, **extra_args)
+
+        try:
+            return jax.vmap(update, in_axes=(0, axes), out_axes=(None, axes), **workers)(
+                updates, state
+            )
+        except ValueError as e:
+            if "out_axes" not in str(e):
+                raise
+            raise ValueError(
+                "the optimizer's update or state differs between the workers of a device "
+                "where it must be the same on every worker: state that is each worker's own "
+                "must declare it (fsq.placement.PerWorker). optax.MultiSteps, for one, "
+                "accumulates each worker's gradients in undeclared state: to step on the "
+                "mean of several calls, accumulate in the inner optimizer instead "
+                f"(fsq.accumulate(inner, k)) or feed larger batches ({e})"
+            ) from None
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def data_parallel(
@@ -184,24 +246,27 @@ def data_parallel(
             return loss[None], jax.tree.map(lambda g: g[None], grads)
         return jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)
 
+    local = vmap_workers(tx, num_workers=workers_per_device)
+
     def device_step(params, opt_state, batch):
         losses, grads = local_gradients(params, batch)
-        updates, opt_state = jax.vmap(
-            lambda g: tx.update(g, opt_state, params), out_axes=None, axis_name=WORKER_AXIS
-        )(grads)
+        updates, opt_state = local.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, losses
 
     def map_devices(params, opt_state, batch):
         """Runs ``device_step`` once per device; ``batch`` leaves are ``[W, ...]``."""
-        if backend == "vmap":  # one device: everything but the batch is its own block
-            return jax.vmap(
-                device_step, in_axes=None, out_axes=None, axis_size=1, axis_name=DEVICE_AXIS
-            )(params, opt_state, batch)
         if backend == "shard_map":  # device blocks are the slices of axis 0: no reshapes
-            specs = (P(), _per_device(opt_state, P(DEVICE_AXIS), P()), P(DEVICE_AXIS))
+            spread = P(DEVICE_AXIS)
+            specs = (P(), _by_placement(opt_state, spread, spread, P()), P(DEVICE_AXIS))
             return jax.shard_map(
                 device_step, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
             )(params, opt_state, batch)
+        # pmap splits every device's block off; the vmap of one device keeps what all its
+        # workers share unbatched (a batched in-flight buffer would turn the inner step's
+        # cond into a select), and only splits what each worker holds its own of.
+        spread = 0 if backend == "pmap" else None
+        state_axes = _by_placement(opt_state, spread, 0, None)
+        in_axes = (None, state_axes, 0 if backend == "pmap" else None)
 
         def split(x):
             return x.reshape((num_devices, -1) + x.shape[1:])
@@ -209,19 +274,34 @@ def data_parallel(
         def merge(x):
             return x.reshape((-1,) + x.shape[2:])
 
-        in_axes = (None, _per_device(opt_state, 0, None), 0)
-        params, opt_state, losses = jax.pmap(
-            device_step,
-            axis_name=DEVICE_AXIS,
-            in_axes=in_axes,
-            out_axes=in_axes,
-            devices=list(mesh.devices.flat),
-        )(
-            params,
-            _map_per_device(opt_state, split, lambda x: x),
-            jax.tree.map(split, batch),
-        )
-        return params, _map_per_device(opt_state, merge, lambda x: x), merge(losses)
+        split_off = (PER_DEVICE, PER_WORKER) if backend == "pmap" else (PER_WORKER,)
+
+        def each(f, state):
+            return jax.tree.map(
+                lambda x: jax.tree.map(f, x) if placement_of(x) in split_off else x,
+                state,
+                is_leaf=is_declared,
+            )
+
+        if backend == "pmap":
+            mapped = jax.pmap(
+                device_step,
+                axis_name=DEVICE_AXIS,
+                in_axes=in_axes,
+                out_axes=(None, state_axes, 0),
+                devices=list(mesh.devices.flat),
+            )
+            batch = jax.tree.map(split, batch)
+        else:
+            mapped = jax.vmap(
+                device_step,
+                in_axes=in_axes,
+                out_axes=(None, state_axes, None),
+                axis_size=1,
+                axis_name=DEVICE_AXIS,
+            )
+        params, opt_state, losses = mapped(params, each(split, opt_state), batch)
+        return params, each(merge, opt_state), merge(losses) if backend == "pmap" else losses
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
         for x in jax.tree.leaves(batch):
@@ -231,18 +311,13 @@ def data_parallel(
                     f"got shape {x.shape}"
                 )
         params, opt_state, losses = map_devices(state.params, state.opt_state, batch)
+        # The state keeps the shardings ``init`` gave it, so the step compiles once.
+        opt_state = jax.lax.with_sharding_constraint(opt_state, shardings(opt_state))
         return TrainState(params, opt_state), losses
 
     def device_init(params):
         """The state of one device's workers, each leaf with a leading device axis of 1."""
-        opt_state = jax.vmap(
-            tx.init,
-            in_axes=None,
-            out_axes=None,
-            axis_size=workers_per_device,
-            axis_name=WORKER_AXIS,
-        )(params)
-        return jax.tree.map(lambda x: x[None], opt_state)
+        return jax.tree.map(lambda x: x[None], local.init(params))
 
     def init_blocks(params):
         """Runs ``tx.init`` in the mapped context of the step, stacking the devices' states."""
@@ -264,22 +339,23 @@ def data_parallel(
         return jax.tree.map(lambda x: x[:, 0], stacked)
 
     def init_state(params):
-        # Per-device parts keep every device's block (concatenated on axis 0); the rest is
-        # identical on all devices, so device 0's copy is kept.
-        opt_state = _map_per_device(
+        # Per-device and per-worker parts keep every device's block (concatenated on axis
+        # 0); the rest is identical on all devices, so device 0's copy is kept.
+        opt_state = _map_placed(
             init_blocks(params), lambda x: x.reshape((-1,) + x.shape[2:]), lambda x: x[0]
         )
         # A copy: the step donates its state, which must not delete the caller's arrays.
         return TrainState(jax.tree.map(jnp.copy, params), opt_state)
 
+    split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
+
+    def shardings(opt_state):
+        return _map_placed(opt_state, lambda _: split, lambda _: whole)
+
     def init(params: optax.Params) -> TrainState:
         shapes = jax.eval_shape(init_state, params)
-        split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
-        shardings = TrainState(
-            jax.tree.map(lambda _: whole, shapes.params),
-            _map_per_device(shapes.opt_state, lambda _: split, lambda _: whole),
-        )
-        return jax.jit(init_state, out_shardings=shardings)(params)
+        out = TrainState(jax.tree.map(lambda _: whole, shapes.params), shardings(shapes.opt_state))
+        return jax.jit(init_state, out_shardings=out)(params)
 
     local_workers = tuple(
         device * workers_per_device + i
@@ -326,4 +402,5 @@ __all__ = [
     "TrainState",
     "data_parallel",
     "make_mesh",
+    "vmap_workers",
 ]

@@ -15,8 +15,7 @@ import optax
 import pytest
 
 import fsq
-from fsq import delays
-from fsq.transforms import compensation, staleness
+from fsq import compensation, delays, staleness
 from tests import simulation
 
 W, DIM, STEPS, LR = 4, 3, 25, 0.2

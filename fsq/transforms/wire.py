@@ -1,65 +1,76 @@
-"""The wire format of a message: pytrees and scalars packed into one flat row.
+"""The wire format of a message: its channels and totals packed into one flat row.
 
-A worker's message (its gradient, and later the extra channels that compensation or
-compression need, plus bookkeeping scalars such as a delivery count) travels as a single
-flat vector. Sums of messages are messages, so one row of the in-flight buffer holds the
-sum of everything due at one step, and one all-reduce of one row delivers it: a single
-collective per step, however many leaves the model has.
+A worker's message (its channels, each a tree shaped like the gradient, scaled by the
+message's weight) and its :class:`~fsq.transforms.message.Totals` (a delivery count and
+other bookkeeping) travel as a single flat vector. Sums of messages are messages, so one
+row of the in-flight buffer holds the sum of everything due at one step, and one
+all-reduce of one row delivers it: a single collective per step, however many leaves the
+model has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-PyTree = object
+from fsq.transforms.message import Message, Totals, totals_of
 
-
-def width(like: PyTree, num_trees: int, num_scalars: int) -> int:
-    """Length of a row holding ``num_trees`` trees shaped like ``like`` and the scalars."""
-    return num_trees * sum(int(np.size(x)) for x in jax.tree.leaves(like)) + num_scalars
+NUM_TOTALS = len(Totals._fields)
 
 
-def parts(
-    trees: Sequence[PyTree],
-    scalars: Sequence[jax.Array],
-    dtype: jnp.dtype,
-    scale: jax.Array | float = 1.0,
-    valid: jax.Array | bool = True,
-) -> list[jax.Array]:
-    """The pieces of a message, in row order: ``scale`` times the leaves of ``trees``
-    (flat, in order), then the scalars. Their concatenation is the message; kept apart,
-    each can be added into a row of the in-flight buffer where it is computed, without
-    first building the message (a pass over the message less).
+def width(like: optax.Updates, num_channels: int) -> int:
+    """Length of a message's row: ``num_channels`` trees shaped like ``like`` and its totals."""
+    return num_channels * sum(int(np.size(x)) for x in jax.tree.leaves(like)) + NUM_TOTALS
 
-    Where ``valid`` is false the trees are sent as zeros: a select, not a multiply (``0 *
-    NaN`` is NaN), fused into whatever consumes the piece.
+
+def parts(message: Message, dtype: jnp.dtype) -> list[jax.Array]:
+    """The pieces of a message's row, in order: the leaves of its channels, flat and scaled
+    by its weight, then its totals. Their concatenation is the row; kept apart, each can be
+    added into a row of the in-flight buffer where it is computed, without first building
+    the message (a pass over the message less).
+
+    A message that is not sent travels as zeros: a select, not a multiply (``0 * NaN`` is
+    NaN), fused into whatever consumes the piece.
     """
-    scale = jnp.asarray(scale, dtype)
+    weight = message.weight.astype(dtype)
     pieces = [
-        jnp.where(valid, scale * jnp.ravel(x).astype(dtype), 0)
-        for tree in trees
+        jnp.where(message.sent, weight * jnp.ravel(x).astype(dtype), 0)
+        for tree in message.channels
         for x in jax.tree.leaves(tree)
     ]
-    pieces.append(jnp.stack([jnp.asarray(s, dtype) for s in scalars]))
+    pieces.append(jnp.stack(totals_of(message, dtype)))
     return pieces
 
 
-def unpack(read: Callable[[int, int], jax.Array], like: PyTree, num_trees: int) -> list[PyTree]:
-    """Inverse of concatenating :func:`parts`: ``num_trees`` trees shaped like ``like``,
-    from ``read(start, size)``, the row's entries ``start .. start + size``.
+def unpack(
+    read: Callable[[int, int], jax.Array], like: optax.Updates, num_channels: int
+) -> tuple[optax.Updates, ...]:
+    """Inverse of concatenating :func:`parts`: ``num_channels`` trees shaped like ``like``,
+    from ``read(start, size)``, the row's entries ``start .. start + size`` (with any
+    leading axes: ``read`` may return ``[..., size]``, which every leaf then has too).
 
     The trees keep the row's dtype, so sums can be rescaled before any rounding.
     """
     leaves, treedef = jax.tree.flatten(like)
-    trees, offset = [], 0
-    for _ in range(num_trees):
-        parts = []
+    channels, offset = [], 0
+    for _ in range(num_channels):
+        pieces = []
         for x in leaves:
-            parts.append(read(offset, x.size).reshape(x.shape))
+            entries = read(offset, x.size)
+            pieces.append(entries.reshape(entries.shape[:-1] + x.shape))
             offset += x.size
-        trees.append(jax.tree.unflatten(treedef, parts))
-    return trees
+        channels.append(jax.tree.unflatten(treedef, pieces))
+    return tuple(channels)
+
+
+def unpack_rows(
+    rows: jax.Array, like: optax.Updates, num_channels: int
+) -> tuple[tuple[optax.Updates, ...], Totals]:
+    """:func:`unpack` of ``[n, width]`` rows (one per worker): trees whose leaves have a
+    leading axis of ``n``, and the rows' :class:`Totals` (``[n]`` each)."""
+    channels = unpack(lambda start, size: rows[:, start : start + size], like, num_channels)
+    return channels, Totals(*rows[:, -NUM_TOTALS:].T)

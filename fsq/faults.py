@@ -3,6 +3,8 @@ r"""Fault models: workers that miss steps, crash, come back, or send garbage.
 A fault model decides, as a pure function of ``(key, step, worker)`` (the key already
 specific to the run's seed, the step and the worker, see :mod:`fsq._random`), whether a
 worker is **live** at a step, and what a live worker **sends** in place of its gradient.
+Two worker-side pieces apply a model: :func:`fsq.transforms.liveness` (who is live, and
+the re-weighting below) and :func:`fsq.transforms.attack` (what Byzantine workers send).
 
 - A worker that is not live sends nothing: its gradient of that step is never delivered.
   The aggregate renormalizes by the number of live workers of the step the gradient was
@@ -76,6 +78,11 @@ class FaultModel:
     def check(self, num_workers: int) -> None:
         """Raises if the model names a worker outside ``[0, num_workers)``."""
         del num_workers
+
+    @property
+    def corrupts(self) -> bool:
+        """Whether some live worker may send something else than its gradient."""
+        return False
 
 
 def _worker_ids(workers: Sequence[int]) -> tuple[int, ...]:
@@ -157,6 +164,10 @@ class Byzantine(FaultModel):
     def check(self, num_workers):
         _check_ids(self.workers, num_workers)
 
+    @property
+    def corrupts(self) -> bool:
+        return True
+
 
 @dataclasses.dataclass(frozen=True)
 class Faults(FaultModel):
@@ -181,6 +192,10 @@ class Faults(FaultModel):
     def check(self, num_workers):
         for part in self.parts:
             part.check(num_workers)
+
+    @property
+    def corrupts(self) -> bool:
+        return any(part.corrupts for part in self.parts)
 
 
 def drops(rate: float) -> Drops:

@@ -1,7 +1,8 @@
 r"""Robust aggregation: combine the workers' delivered gradients so a few bad ones can't steer.
 
-The default, ``"mean"``, is the sum of :mod:`fsq.transforms.delivery`: one buffer per
-device of partial sums, one all-reduce. A robust rule needs each worker's contribution
+The default, ``"mean"``, is the sum of the delay line (:mod:`fsq.transforms.line`): one
+buffer per device of partial sums, one all-reduce. A robust rule
+(:func:`fsq.transforms.robust` applies one at delivery) needs each worker's contribution
 separately, so with one the in-flight buffer keeps a row per local worker
 (:math:`(d_{\max}+1) \times (W/D) \times P` per device) and delivery all-gathers the
 :math:`W` rows (:math:`W \times P` received per device instead of an all-reduce of
@@ -41,7 +42,7 @@ shrinks that bias with the honest spread. :math:`O(W^2 P)` per step.
 Votes are only as good as their number: with random delays a step sees only the workers
 whose gradients happen to arrive at it (5.4 of 8 per step for ``uniform(4)``), and two
 Byzantine workers can be most of them. So every device remembers each worker's latest
-vote and the step it arrived (:class:`Votes`, :math:`W \times` the message width,
+vote and the step it arrived (:class:`fsq.transforms.Votes`, :math:`W \times` the message width,
 identical on all devices), and the rule reduces the latest votes of every worker that
 voted within the last :math:`d_{\max} + 1` steps. A live worker always has one: its
 gradient sent :math:`d_{\max}` steps ago has arrived; a worker that crashed or keeps
@@ -86,10 +87,7 @@ from fsq import _checks
 __all__ = [
     "RULES",
     "Aggregation",
-    "Votes",
-    "aggregate",
     "centered_clip",
-    "init_votes",
     "mean",
     "median",
     "resolve",
@@ -211,44 +209,6 @@ def _centered_clip(votes, present, count, iterations):
         scale = jnp.minimum(1, radius / jnp.maximum(distances, 1e-30))
         center = center + _sum_rows(offsets * scale[:, None]) / jnp.maximum(count, 1)
     return center
-
-
-class Votes(NamedTuple):
-    """Every worker's latest vote, identical on all devices.
-
-    Attributes:
-      latest: ``[W, n]``, worker ``i``'s latest vote (zeros before its first).
-      at: ``[W]`` (int32), the step it arrived (``-2**30`` before the first).
-    """
-
-    latest: jax.Array
-    at: jax.Array
-
-
-def init_votes(num_workers: int, width: int, dtype: jnp.dtype) -> Votes:
-    """No votes yet, for ``num_workers`` votes of ``width`` entries."""
-    return Votes(jnp.zeros((num_workers, width), dtype), jnp.full((num_workers,), -(2**30)))
-
-
-def aggregate(
-    rule: Aggregation,
-    votes: Votes,
-    sums: jax.Array,
-    weights: jax.Array,
-    step: jax.Array,
-    horizon: int,
-) -> tuple[jax.Array, Votes]:
-    """The robust stand-in for ``sums.sum(0)``, and the votes remembered.
-
-    ``sums`` is ``[W, n]``, one row of weighted sums per worker delivered at ``step``,
-    ``weights`` ``[W]`` their total weights (0 for a worker with nothing delivered). A
-    delivery replaces the worker's vote with ``sums / weights``; ``rule`` reduces the
-    votes that arrived within the last ``horizon + 1`` steps, times the total weight.
-    """
-    fresh = weights > 0
-    latest = jnp.where(fresh[:, None], sums / jnp.where(fresh, weights, 1)[:, None], votes.latest)
-    votes = Votes(latest, jnp.where(fresh, step, votes.at))
-    return rule.reduce(latest, step - votes.at <= horizon) * jnp.sum(weights), votes
 
 
 def mean() -> Aggregation:

@@ -50,7 +50,7 @@ def accumulate(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> from fsq.transforms.accumulation import accumulate
+      >>> from fsq import accumulate
       >>> tx = accumulate(optax.sgd(1.0), num_microbatches=2)
       >>> params = jnp.zeros(1)
       >>> state = tx.init(params)

@@ -2,9 +2,10 @@ r"""Staleness-aware step sizes: weigh each gradient by a function of its stalene
 
 A gradient computed at step :math:`s` and delivered at :math:`t` has staleness
 :math:`\tau = t - s`, which in the logical clock is its delay, known when it is sent. A
-rule :math:`\alpha(\tau)` scales it before it enters the in-flight buffer, so a rule
-costs one multiply per parameter at send time and nothing at delivery. Rules act in one
-of two *scopes*:
+rule :math:`\alpha(\tau)` scales it before it enters the in-flight buffer
+(:func:`fsq.transforms.scale_by_staleness`), so a rule costs one multiply per parameter
+at send time and nothing at delivery. Rules act in one of two *scopes*, which decide how
+the delivered sums are normalised (:func:`fsq.transforms.normalise`):
 
 - ``"gradient"`` — each gradient is scaled, the inner optimizer sees the scaled mean:
 
@@ -36,9 +37,9 @@ Rules (all equal 1 at :math:`\tau = 0`, so synchronous training is unchanged):
   Delays* (NeurIPS 2022), whose rates then depend on the *average* rather than the
   maximum delay. The threshold defaults to the delay model's mean delay (at least 1).
 - ``"weighted_step"`` — :math:`\alpha(\tau) = \min(1, \tau_C / \tau)` with
-  :math:`\tau_C = 3`, step scope: Flying Squirrel's rule, chosen by measurement
-  (``experiments/coordination.py``): it keeps the stability margin of the synchronously
-  tuned learning rate for any inner optimizer.
+  :math:`\tau_C = 3`, step scope: Flying Squirrel's rule, chosen by measurement (the
+  coordination study of ``experiments/``): it keeps the stability margin of the
+  synchronously tuned learning rate for any inner optimizer.
 - a :class:`StalenessRule`, or any callable ``tau -> alpha`` (gradient scope).
 """
 
@@ -58,7 +59,11 @@ RULES = ("inverse", "delay_adaptive", "weighted_step")
 
 
 class StalenessRule(NamedTuple):
-    """A staleness rule: ``scale(tau) -> alpha`` on int32 arrays, and its scope."""
+    """A staleness rule: ``scale(tau) -> alpha``, and its scope.
+
+    ``tau`` is a float array of staleness values (in the dtype the weights are kept in);
+    ``alpha`` has the same shape and dtype.
+    """
 
     scale: Callable[[jax.Array], jax.Array]
     scope: str = "gradient"
@@ -69,11 +74,11 @@ def inverse() -> StalenessRule:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from fsq.transforms import staleness
+      >>> from fsq import staleness
       >>> print(staleness.inverse().scale(jnp.array([0, 1, 4])))
       [1.   1.   0.25]
     """
-    return StalenessRule(lambda tau: 1.0 / jnp.maximum(1.0, tau.astype(jnp.float32)))
+    return StalenessRule(lambda tau: 1.0 / jnp.maximum(1.0, tau))
 
 
 def delay_adaptive(threshold: float, scope: str = "gradient") -> StalenessRule:
@@ -85,7 +90,7 @@ def delay_adaptive(threshold: float, scope: str = "gradient") -> StalenessRule:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from fsq.transforms import staleness
+      >>> from fsq import staleness
       >>> print(staleness.delay_adaptive(2.0).scale(jnp.array([0, 2, 8])))
       [1.   1.   0.25]
     """
@@ -93,7 +98,7 @@ def delay_adaptive(threshold: float, scope: str = "gradient") -> StalenessRule:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     return StalenessRule(
-        lambda tau: jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau.astype(jnp.float32))),
+        lambda tau: jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau)),
         scope,
     )
 

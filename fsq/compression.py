@@ -11,7 +11,8 @@ that it adds to its next gradient (Seide et al. 2014; Stich, Cordonnier and Jagg
   x = g_i(t) + e_i, \qquad \hat g_i(t) = \mathcal{C}(x), \qquad e_i \leftarrow x - \hat g_i(t)
 
 so nothing is lost, only delayed: :math:`\sum_t \hat g_i(t) + e_i = \sum_t g_i(t)`. The
-residual is per-worker state (:mod:`fsq.transforms.per_worker`).
+worker-side piece :func:`fsq.transforms.compress` applies an operator and owns the
+residual, each worker's own.
 Compressors act on the whole flattened gradient (global) or leaf by leaf:
 
 - :func:`top_k` — the :math:`k = \lceil \rho P \rceil` entries of largest magnitude
@@ -103,9 +104,10 @@ def _count(density: float, size: int) -> int:
 
 
 def _per_leaf(fn, x: jax.Array, sizes: Sizes) -> jax.Array:
-    """Applies ``fn(i, segment)`` to each leaf's segment of ``x`` and concatenates."""
+    """Applies ``fn(i, segment)`` to each non-empty leaf's segment of ``x`` and concatenates."""
     offsets = _offsets(sizes)
-    return jnp.concatenate([fn(i, x[offsets[i] : offsets[i + 1]]) for i in range(len(sizes))])
+    pieces = [fn(i, x[offsets[i] : offsets[i + 1]]) for i, n in enumerate(sizes) if n]
+    return jnp.concatenate(pieces) if pieces else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,8 @@ class TopK(Compressor):
                 jax.lax.top_k(jnp.abs(x[offsets[i] : offsets[i + 1]]), _count(self.density, n))[1]
                 + offsets[i]
                 for i, n in enumerate(sizes)
-            ]
+            ],
+            dtype=jnp.int32,
         )
 
     def compress(self, x, sizes, key):

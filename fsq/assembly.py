@@ -1,0 +1,311 @@
+r"""The assembly of an asynchronous data-parallel optimizer from named pieces.
+
+.. code-block:: text
+
+  worker side (per worker, own state)     delay line (the only collectives)   delivery side
+  liveness -> reject non-finite ->        ring of due rows, dense or sparse   robust aggregation ->
+  worker momentum -> attack ->            exchange, one collective per step   compensation ->
+  staleness bound -> compression + EF ->                                      normalise -> inner
+  staleness weights -> DC channels
+
+:func:`asynchronous` runs, for each worker and step, the worker-side pieces on the
+worker's gradient (any optax transformation may run there too), sends the resulting
+:class:`~fsq.transforms.Message` through the delay line, and, at a step where anything
+is delivered, runs the delivery-side pieces on the :class:`~fsq.transforms.Arrival` and
+steps the inner optimizer on the result. :func:`fsq.flying_squirrel` is a preset over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsq import _axes, _checks
+from fsq.compression import dense_bytes
+from fsq.placement import PerWorker
+from fsq.transforms import line as _line
+from fsq.transforms import ring, wire
+from fsq.transforms.message import (
+    Context,
+    DeliverTransformation,
+    Layout,
+    SendTransformation,
+    accumulation_dtype,
+    new_message,
+    on_gradient,
+)
+from fsq.transforms.normalise import normalise
+
+
+class FlyingSquirrelState(NamedTuple):
+    """State of :func:`asynchronous` (and :func:`fsq.flying_squirrel`), held by every worker.
+
+    Attributes:
+      step: the logical clock :math:`t` (int32), identical on all workers.
+      worker_states: the states of the worker-side pieces, in order, each worker's own
+        (:class:`fsq.placement.PerWorker`; e.g. an error-feedback residual).
+      in_flight: the messages in flight from this device's workers
+        (:class:`fsq.transforms.InFlight`, per device).
+      delivery_states: the states of the delivery-side pieces, in order, identical on all
+        workers (e.g. the votes of a robust rule, the mean square of DC-ASGD-a).
+      inner_state: state of the inner optimizer, identical on all workers.
+      delivered: how many gradients were delivered at the last step (int32).
+      staleness: their mean staleness :math:`t - s` in steps (float32; 0 if none).
+      bounded: how many gradients due at the last step the staleness bound dropped or
+        held back (int32).
+      rejected: how many gradients due at the last step were rejected at send time for
+        not being finite (int32); they never reach the parameters or any state.
+      lost: how many gradients due at the last step were never sent, their worker being
+        down (int32).
+      bytes_sent: the bytes a worker's message takes on the wire per step (float32; the
+        dense float32 gradient is ``4 P``), whatever the exchange simulates it with.
+
+    Of the :math:`W` gradients sent at a step, each is delivered, rejected, lost or (with
+    ``on_stale="drop"``) bounded, exactly one of them; with ``on_stale="wait"`` the
+    bounded ones are delivered too (counted in both).
+    """
+
+    step: jax.Array
+    worker_states: PerWorker
+    in_flight: ring.InFlight
+    delivery_states: tuple[optax.OptState, ...]
+    inner_state: optax.OptState
+    delivered: jax.Array
+    staleness: jax.Array
+    bounded: jax.Array
+    rejected: jax.Array
+    lost: jax.Array
+    bytes_sent: jax.Array
+
+
+def _as_send(piece: Any) -> SendTransformation:
+    return piece if isinstance(piece, SendTransformation) else on_gradient(piece)
+
+
+def _check_updates(updates: optax.Updates, params: optax.Params | None) -> None:
+    if params is not None:
+        got, want = jax.tree.structure(updates), jax.tree.structure(params)
+        if got != want:
+            raise ValueError(
+                f"updates and params must have the same tree structure: {got} != {want}"
+            )
+    for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            raise TypeError(
+                f"updates must be floating point, but the leaf at {jax.tree_util.keystr(path)} "
+                f"is {jnp.result_type(x)}: leave integer parameters out of the optimizer "
+                "(e.g. with optax.masked or a separate state)"
+            )
+
+
+def asynchronous(
+    inner: optax.GradientTransformation,
+    *,
+    num_workers: int,
+    axis_name: str | tuple[str, ...] = "workers",
+    send: Sequence[SendTransformation | optax.GradientTransformation] = (),
+    line: _line.DelayLine | None = None,
+    deliver: Sequence[DeliverTransformation] = (),
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Asynchronous data-parallel training, assembled from pieces; used per worker.
+
+    Every worker calls ``update`` once per logical step :math:`t` with its own gradient.
+    Its message :math:`m_i(t)` (its gradient after the ``send`` pieces) travels for the
+    delay :math:`d_i(t)` the ``line`` draws; at step :math:`t` every worker receives
+
+    .. math::
+
+      A_t = \sum_{(i, s):\, s + d_i(s) = t} m_i(s), \qquad
+      (u_t, S_{t+1}) = \begin{cases} \mathrm{inner}(D(A_t), S_t, w_t) & \text{if anything
+      is delivered at } t \\ (0, S_t) & \text{otherwise,} \end{cases}
+
+    with :math:`D` the ``deliver`` pieces, the last of which normalises (by default the
+    mean over the :math:`W` workers, :func:`fsq.transforms.normalise`). Call ``init``
+    and ``update`` inside a mapped context whose ``axis_name`` axes hold ``num_workers``
+    workers (``jax.vmap``, ``jax.shard_map``, ``jax.pmap``, nested), or let
+    :mod:`fsq.parallel` lay the workers out.
+
+    Args:
+      inner: the optimizer stepped on what is delivered (any optax transformation).
+      num_workers: :math:`W \ge 1`, the number of workers over ``axis_name``.
+      axis_name: the mapped axis name, or a tuple of nested names (outermost first) whose
+        mixed-radix index is the global worker id.
+      send: the worker-side pieces, in order: :class:`fsq.transforms.SendTransformation`
+        objects, or any optax transformation, which runs on the gradient
+        (:func:`fsq.transforms.on_gradient`).
+      line: the delay line (:func:`fsq.transforms.delay_line`; default: no delay).
+      deliver: the delivery-side pieces, in order
+        (:class:`fsq.transforms.DeliverTransformation`); a normalisation is added last if
+        none is given.
+      seed: the seed of every random choice; runs are a pure function of it. A traced int
+        scalar is accepted too, to ``jit`` or ``vmap`` over seeds.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`FlyingSquirrelState`; extra arguments are passed on to ``inner``.
+
+    Example:
+      Worker momentum, top-k compression with error feedback and a median, no
+      compensation, on 4 workers:
+
+      >>> import jax, jax.numpy as jnp, fsq
+      >>> T = fsq.transforms
+      >>> tx = fsq.asynchronous(
+      ...     fsq.sgd(0.1),
+      ...     num_workers=4,
+      ...     send=[T.reject_non_finite(), T.worker_momentum(0.9),
+      ...           T.compress(fsq.compression.top_k(0.5))],
+      ...     line=T.delay_line(fsq.delays.uniform(2)),
+      ...     deliver=[T.robust(fsq.aggregation.median())],
+      ... )
+      >>> w = fsq.parallel.vmap_workers(tx, num_workers=4)
+      >>> params = jnp.zeros(2)
+      >>> state = w.init(params)
+      >>> updates, state = w.update(jnp.ones((4, 2)), state, params)
+      >>> updates.shape
+      (2,)
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation, got {type(inner).__name__}"
+        )
+    num_workers = _checks.integer("num_workers", num_workers, low=1)
+    names = _axes.normalize(axis_name)
+    if not isinstance(seed, jax.core.Tracer):
+        seed = _checks.integer("seed", seed, low=0)
+    line = _line.delay_line(0) if line is None else line
+    if not isinstance(line, _line.DelayLine):
+        raise TypeError(f"line must be a fsq.transforms.delay_line(...), got {line!r}")
+    model = line.model
+    if model.num_workers is not None and model.num_workers != num_workers:
+        raise ValueError(
+            f"delay model is defined for {model.num_workers} workers but num_workers={num_workers}"
+        )
+    # Delivery counts and delay sums travel as floats; keep them exact in float32.
+    if num_workers * (model.max_delay + 1) > 2**24:
+        raise ValueError(
+            f"num_workers * (max_delay + 1) must be at most 2**24, got {num_workers} * "
+            f"{model.max_delay + 1}"
+        )
+    send = tuple(_as_send(piece) for piece in send)
+    span, num_channels, wire_bytes = (model.min_delay, model.max_delay), 1, None
+    for piece in send:
+        span = piece.delays(span) if piece.delays else span
+        num_channels = piece.channels or num_channels
+        wire_bytes = piece.wire_bytes or wire_bytes
+    deliver = tuple(deliver)
+    for piece in deliver:
+        if not isinstance(piece, DeliverTransformation):
+            raise TypeError(
+                f"deliver pieces must be fsq.transforms.DeliverTransformation, got {piece!r}"
+            )
+    if not deliver or not deliver[-1].normalises:
+        deliver += (normalise("workers"),)
+    arriving = num_channels
+    for piece in deliver:
+        if piece.normalises and arriving != 1:
+            raise ValueError(
+                f"the messages carry {arriving} channels, but normalise needs one: add "
+                "fsq.transforms.compensate(...) to deliver (delay compensation's channels)"
+            )
+        arriving = piece.channels or arriving
+    if sum(piece.normalises for piece in deliver) != 1:
+        raise ValueError("deliver must end with its one normalise(...) piece")
+    apart = any(piece.workers_apart for piece in deliver)
+    if apart and line.exchange == "sparse":
+        raise ValueError('exchange="sparse" works with the mean aggregation only')
+    layout = Layout(num_workers, num_channels, span[1])
+    inner = optax.with_extra_args_support(inner)
+
+    def segments(axes: _axes.WorkerAxes | None) -> int:
+        """Messages side by side in a ring row: one per local worker if kept apart."""
+        return _axes.local_count(axes.local) if apart else 1
+
+    def init_fn(params: optax.Params) -> FlyingSquirrelState:
+        # Kept apart, a row holds the local workers' messages: only then is init mapped.
+        axes = _axes.resolve(names, num_workers) if apart else None
+        dtype = accumulation_dtype(params)
+        sizes = [x.size for x in jax.tree.leaves(params)]
+        bytes_sent = (wire_bytes or dense_bytes)(sizes, num_channels)
+        zero = jnp.zeros([], jnp.int32)
+        return FlyingSquirrelState(
+            step=zero,
+            worker_states=PerWorker(tuple(piece.init(params) for piece in send)),
+            in_flight=line.init(
+                wire.width(params, num_channels) * segments(axes), dtype, span, segments(axes)
+            ),
+            delivery_states=tuple(piece.init(params, layout) for piece in deliver),
+            inner_state=inner.init(params),
+            delivered=zero,
+            staleness=jnp.zeros([], jnp.float32),
+            bounded=zero,
+            rejected=zero,
+            lost=zero,
+            bytes_sent=jnp.float32(bytes_sent),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: FlyingSquirrelState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, FlyingSquirrelState]:
+        _check_updates(updates, params)
+        axes = _axes.resolve(names, num_workers)
+        width = wire.width(updates, num_channels) * segments(axes)
+        if width != state.in_flight.slots.shape[-1]:
+            raise ValueError(
+                "updates must have the shapes of the params given to init, in the same "
+                f"mapped context: they need {width} entries per in-flight row, the buffer "
+                f"holds {state.in_flight.slots.shape[-1]}"
+            )
+        context = Context(state.step, _axes.worker_index(axes.names), num_workers, seed, span[1])
+        message = new_message(updates, line.delay(context), state.in_flight.slots.dtype)
+        worker_states = []
+        for piece, piece_state in zip(send, state.worker_states.value, strict=True):
+            message, piece_state = piece.update(message, piece_state, params, context)
+            worker_states.append(piece_state)
+        due, in_flight = line.send(message, state.in_flight, state.step, axes, apart)
+        totals = _line.totals(due, num_workers, apart)
+        delivered = jnp.round(totals.count).astype(jnp.int32)
+
+        def step_inner(_):
+            arrival = _line.arrival(due, updates, num_channels, totals, num_workers, apart)
+            states = []
+            for piece, piece_state in zip(deliver, state.delivery_states, strict=True):
+                arrival, piece_state = piece.update(arrival, piece_state, params, context)
+                states.append(piece_state)
+            (mean,) = arrival.channels
+            mean = jax.tree.map(lambda s, g: s.astype(g.dtype), mean, updates)
+            new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
+            if arrival.step_scale is not None:
+                scale = arrival.step_scale
+                new_updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), new_updates)
+            return new_updates, inner_state, tuple(states)
+
+        def skip(_):
+            return optax.tree.zeros_like(updates), state.inner_state, state.delivery_states
+
+        new_updates, inner_state, delivery_states = jax.lax.cond(
+            delivered > 0, step_inner, skip, None
+        )
+        return new_updates, FlyingSquirrelState(
+            step=state.step + 1,
+            worker_states=PerWorker(tuple(worker_states)),
+            in_flight=in_flight,
+            delivery_states=delivery_states,
+            inner_state=inner_state,
+            delivered=delivered,
+            staleness=(totals.delay_sum / jnp.maximum(totals.count, 1.0)).astype(jnp.float32),
+            bounded=jnp.round(totals.bounded).astype(jnp.int32),
+            rejected=jnp.round(totals.rejected).astype(jnp.int32),
+            lost=jnp.round(totals.lost).astype(jnp.int32),
+            bytes_sent=state.bytes_sent,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

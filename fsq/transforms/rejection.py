@@ -1,0 +1,57 @@
+r"""Rejection of non-finite gradients: a NaN or an infinity never reaches the parameters.
+
+A worker whose gradient holds a NaN or an infinity anywhere sends nothing: its message is
+marked *rejected* (it travels as zeros, and is counted in ``rejected`` when it is due),
+and the pieces after this one keep their state (worker momentum, error-feedback
+residuals). The test is exact and costs one pass over the gradient:
+
+.. math:: \mathrm{finite}(g) \iff \textstyle\sum_j 0 \cdot g_j = 0,
+
+since :math:`0 \cdot x` is 0 for finite :math:`x` and NaN otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsq.transforms.message import SendTransformation, Status
+
+
+def all_finite(tree: optax.Updates) -> jax.Array:
+    """Whether every entry of ``tree`` is finite (a bool scalar; true for an empty tree).
+
+    ``sum(g @ 0)`` as a matrix-vector product (rows of up to 1024 entries, so the zero
+    vector stays small) is one multithreaded pass over ``g``, where reducing the boolean
+    mask ``isfinite(g)`` made a delay-0 step 1.6x slower on CPU.
+    """
+
+    def zero_or_nan(g):
+        width = math.gcd(g.size, 1024) or 1  # a power of two that divides the size
+        return jnp.sum(g.reshape(-1, width) @ jnp.zeros(width, g.dtype))
+
+    return jnp.isfinite(sum((zero_or_nan(g) for g in jax.tree.leaves(tree)), jnp.float32(0)))
+
+
+def reject_non_finite() -> SendTransformation:
+    """Marks a message whose gradient is not finite *rejected*.
+
+    Place it before the pieces whose state must not see such a gradient.
+
+    Example:
+      >>> import jax.numpy as jnp, fsq
+      >>> reject = fsq.transforms.reject_non_finite()
+      >>> m = fsq.transforms.new_message(jnp.array([1.0, jnp.nan]), 0, jnp.float32)
+      >>> m, _ = reject.update(m, reject.init(None), None, None)
+      >>> fsq.transforms.Status(int(m.status)).name
+      'REJECTED'
+    """
+
+    def update(message, state, params, context):
+        del params, context
+        return message.mark(Status.REJECTED, ~all_finite(message.gradient)), state
+
+    return SendTransformation(lambda params: optax.EmptyState(), update)
