@@ -28,6 +28,13 @@ Each message therefore carries three channels instead of one
   (weighted by their staleness weights, whose sum is :math:`a_t`; with no staleness rule
   :math:`a_t` is the number delivered); it normalizes the correction to the gradient
   scale, so :math:`\lambda_0` transfers across models.
+
+Example:
+  >>> import fsq
+  >>> fsq.compensation.adaptive()
+  DelayCompensation(strength=1.0, adaptive=True, decay=0.95, eps=1e-07)
+  >>> fsq.compensation.resolve(0.5)
+  DelayCompensation(strength=0.5, adaptive=False, decay=0.95, eps=1e-07)
 """
 
 from __future__ import annotations

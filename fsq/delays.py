@@ -132,6 +132,10 @@ class Speeds(DelayModel):
     def mean_delay(self) -> float:
         return float(np.mean(self.slowdowns)) - 1.0
 
+    @property
+    def min_delay(self) -> int:
+        return min(math.floor(min(self.slowdowns) - 1.0), self.max_delay)
+
     def shares(self) -> tuple[float, ...]:
         r"""Load-balanced fractions of the global batch: worker ``i`` gets a share
         :math:`s_i \propto 1 / k_i`, so that every worker needs the same time."""

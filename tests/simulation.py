@@ -1,32 +1,48 @@
-"""Shared by the tests: a Flying Squirrel run of per-worker losses, all steps in one scan."""
+"""Shared by the tests: Flying Squirrel runs of W workers, all steps in one scan."""
 
 import jax
 import numpy as np
 import optax
 
+import fsq
 
-def trajectory(tx, loss, data, params, steps, metric):
-    """Runs ``steps`` steps of ``tx`` with one worker per leading row of ``data`` (under
-    ``jax.vmap`` with axis ``"workers"``); returns the parameters after each step and the
-    state's ``metric`` (a field name) after each step, as numpy arrays."""
-    num_workers = jax.tree.leaves(data)[0].shape[0]
+METRICS = ("delivered", "staleness", "bounded", "rejected", "lost")
 
-    def worker(params, state, shard):
-        updates, state = tx.update(jax.grad(loss)(params, shard), state, params)
-        return optax.apply_updates(params, updates), state
 
-    step = jax.vmap(worker, in_axes=(None, None, 0), out_axes=None, axis_name="workers")
-    init = jax.vmap(
-        tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name="workers"
-    )
+def run(tx, gradients, params, steps, num_workers):
+    """Runs ``steps`` steps of ``tx`` for ``num_workers`` workers on one device
+    (:func:`fsq.parallel.vmap_workers`); ``gradients(params, step)`` returns the workers'
+    gradients, leaves ``[W, ...]``.
+
+    Returns the parameters after each step, ``{metric: [steps]}`` and the final state,
+    as numpy arrays.
+    """
+    workers = fsq.parallel.vmap_workers(tx, num_workers=num_workers)
 
     @jax.jit
-    def run(params):
-        def body(carry, _):
-            params, state = step(*carry, data)
-            return (params, state), (params, getattr(state, metric))
+    def go(params):
+        def body(carry, step):
+            params, state = carry
+            updates, state = workers.update(gradients(params, step), state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, state), (params, {m: getattr(state, m) for m in METRICS})
 
-        return jax.lax.scan(body, (params, init(params)), None, length=steps)[1]
+        carry = (params, workers.init(params))
+        return jax.lax.scan(body, carry, jax.numpy.arange(steps))
 
-    path, values = run(params)
-    return np.asarray(path), np.asarray(values)
+    (_, state), (path, metrics) = go(params)
+    return np.asarray(path), jax.tree.map(np.asarray, metrics), state
+
+
+def trajectory(tx, loss, data, params, steps, metric):
+    """Runs ``steps`` steps of ``tx`` with one worker per leading row of ``data``; returns
+    the parameters after each step and the state's ``metric`` (a field name) after each
+    step, as numpy arrays."""
+    num_workers = jax.tree.leaves(data)[0].shape[0]
+
+    def gradients(params, step):
+        del step
+        return jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, data)
+
+    path, metrics, _ = run(tx, gradients, params, steps, num_workers)
+    return path, metrics[metric]

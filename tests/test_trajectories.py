@@ -20,6 +20,11 @@ LOCAL_SUM = (
     "delay 0, several workers per device: their messages are summed by a product with "
     "ones (one pass) instead of XLA's reduction over the leading axis (50x slower on CPU)"
 )
+PER_PART = (
+    "a few workers per device: each part of a message is added into its ring row where it "
+    "is computed, without building the message, and XLA contracts its scaling and that "
+    "addition into one multiply-add"
+)
 ROBUST_IN_BRANCH = (
     "the robust rule runs inside the inner step's branch, where XLA fuses it differently"
 )
@@ -40,6 +45,8 @@ ROUNDED: dict[str, tuple[str, ...]] = {
     "faults-median-momentum": (SEGMENT_SUM, ROBUST_IN_BRANCH, EMA),
     "trimmed-mean-random-attack": (ROBUST_IN_BRANCH,),
     "centered-clip-shard-map": (ROBUST_IN_BRANCH,),
+    "geometric-delay-adaptive": (PER_PART,),
+    "shard-map-defaults": (PER_PART,),
 }
 
 

@@ -23,6 +23,13 @@ over all workers. Two exchanges:
 
 When the delivery side keeps the workers apart (a robust aggregation), each worker's
 messages are summed apart and delivery all-gathers the :math:`W` workers' sums.
+
+Example:
+  >>> import fsq
+  >>> line = fsq.transforms.delay_line(fsq.delays.uniform(4))
+  >>> ring = line.init(width=10, dtype="float32", span=(0, line.model.max_delay))
+  >>> ring.slots.shape  # max_delay + 1 rows
+  (5, 10)
 """
 
 from __future__ import annotations

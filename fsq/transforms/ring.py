@@ -24,9 +24,10 @@ XLA updates the buffer in place.
 
 How the messages of a device's :math:`L` workers are written:
 
-- one worker: each part of its message (a leaf of a channel, the scalars) is added into
-  its place where it is computed; the message is never built;
-- :math:`1 < L \le R`: one in-place update of a row per worker;
+- :math:`L \le R`: each part of each worker's message (a leaf of a channel, the totals)
+  is added into its place in the row where it is computed; the message is never built
+  (unless the parts of all workers are too many small updates: then one update of a row
+  per worker);
 - :math:`L > R`: as a segment sum, :math:`\text{slots} \leftarrow [\text{kept}]\,
   \text{slots} + A M` with :math:`A_{r i} = [\text{row}_i = r]`: one matrix product and
   one pass over the ring, whose cost and compile time do not grow with :math:`L` beyond
@@ -40,6 +41,15 @@ deliver it without touching the ring first.
 A robust aggregation needs each worker's messages apart: then a row holds the device's
 :math:`L` workers side by side (each worker's segment the sum of *its* messages due that
 step, with its own mark).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from fsq.transforms import ring
+  >>> buffer = ring.init(max_delay=2, width=3, dtype=jnp.float32)
+  >>> write = ring.add_messages([jnp.ones((1, 3))], jnp.array([1]), jnp.int32(0), False)
+  >>> due, buffer = ring.advance(buffer, jnp.int32(0), write)  # sent at 0, due at 1
+  >>> print(ring.read(due), buffer.pending()[1])
+  [0. 0. 0.] [1. 1. 1.]
 """
 
 from __future__ import annotations
@@ -55,8 +65,13 @@ from jax import lax
 from fsq.placement import PER_DEVICE
 
 # Up to this many workers per device (and at most the ring's rows), their messages are
-# written by one row update each; beyond, by a segment sum.
+# written by row updates; beyond, by a segment sum.
 UNROLLED_WORKERS = 32
+# Up to this many row updates per step, each part of each worker's message (a leaf of a
+# channel, the totals) is added where it is computed and the message is never built (on
+# CPU, 2x faster for 8 workers of a 1.3M-parameter model with delay compensation);
+# beyond, the many small updates cost more than building the messages first.
+UNROLLED_PARTS = 256
 
 
 class InFlight(NamedTuple):
@@ -215,10 +230,10 @@ def add_messages(
         # before it just wrote there.
         same = (rows[:, None] == rows[None, :]) & (segments[:, None] == segments[None, :])
         held = filled[rows, segments] | jnp.any(same & np.tri(num_local, k=-1, dtype=bool), 1)
-        # One in-place update per worker (of its whole message: per part, the many small
-        # updates cost more than building the message), unrolled: a scatter, or a loop
-        # carrying the buffer, makes XLA copy the whole buffer on CPU.
-        parts = pieces if num_local == 1 else [jnp.concatenate(pieces, axis=1)]
+        # In-place updates, unrolled: a scatter, or a loop carrying the buffer, makes XLA
+        # copy the whole buffer on CPU.
+        few = num_local == 1 or num_local * len(pieces) <= UNROLLED_PARTS
+        parts = pieces if few else [jnp.concatenate(pieces, axis=1)]
         offsets = np.cumsum([0, *[p.shape[1] for p in parts[:-1]]])
         for i in range(num_local):
             for part, offset in zip(parts, offsets, strict=True):

@@ -6,6 +6,14 @@ other bookkeeping) travel as a single flat vector. Sums of messages are messages
 row of the in-flight buffer holds the sum of everything due at one step, and one
 all-reduce of one row delivers it: a single collective per step, however many leaves the
 model has.
+
+Example:
+  >>> import jax.numpy as jnp, fsq
+  >>> from fsq.transforms import wire
+  >>> m = fsq.transforms.new_message({"w": jnp.array([1.0, 2.0])}, 3, jnp.float32)
+  >>> row = jnp.concatenate(wire.parts(m._replace(weight=jnp.float32(0.5)), jnp.float32))
+  >>> print(row)  # 0.5 g, then count, delay sum, bounded, weight, rejected, lost
+  [0.5 1.  1.  3.  0.  0.5 0.  0. ]
 """
 
 from __future__ import annotations
