@@ -125,7 +125,7 @@ class Speeds(DelayModel):
     def __call__(self, key, step, worker):
         del step
         lateness = jnp.asarray(self.slowdowns, jnp.float32)[worker] - 1.0
-        delay = jnp.floor(lateness + jax.random.uniform(key))
+        delay = jnp.floor(lateness + jax.random.uniform(key, dtype=jnp.float32))
         return jnp.minimum(delay, self.max_delay).astype(jnp.int32)
 
     @property

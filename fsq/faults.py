@@ -114,7 +114,7 @@ class Drops(FaultModel):
 
     def live(self, key, step, worker):
         del step, worker
-        return jax.random.uniform(key) >= self.rate
+        return jax.random.uniform(key, dtype=jnp.float32) >= self.rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,7 @@ class Byzantine(FaultModel):
             bad = jax.tree.unflatten(
                 treedef,
                 [
-                    (self.factor * jax.random.normal(k, g.shape)).astype(g.dtype)
+                    (self.factor * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
                     for k, g in zip(keys, leaves, strict=True)
                 ],
             )

@@ -350,7 +350,12 @@ def data_parallel(
     split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
 
     def shardings(opt_state):
-        return _map_placed(opt_state, lambda _: split, lambda _: whole)
+        # Over one device, or for an empty block, XLA gives the replicated sharding: so do
+        # we, or the step would see other shardings than init's and compile twice.
+        def spread(x):
+            return split if num_devices > 1 and np.size(x) else whole
+
+        return _map_placed(opt_state, spread, lambda _: whole)
 
     def init(params: optax.Params) -> TrainState:
         shapes = jax.eval_shape(init_state, params)

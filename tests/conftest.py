@@ -1,5 +1,13 @@
-"""Tests run on 8 simulated CPU devices; this must happen before JAX's backend starts."""
+"""Tests run on 8 simulated CPU devices; this must happen before JAX's backend starts.
 
+Hypothesis draws its examples from a fixed seed (``derandomize``), so that a run of the
+suite, in CI or here, is the same run every time.
+"""
+
+import hypothesis
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+hypothesis.settings.register_profile("deterministic", derandomize=True, database=None)
+hypothesis.settings.load_profile("deterministic")

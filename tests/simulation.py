@@ -31,7 +31,7 @@ def run(tx, gradients, params, steps, num_workers):
         return jax.lax.scan(body, carry, jax.numpy.arange(steps))
 
     (_, state), (path, metrics) = go(params)
-    return np.asarray(path), jax.tree.map(np.asarray, metrics), state
+    return jax.tree.map(np.asarray, path), jax.tree.map(np.asarray, metrics), state
 
 
 def trajectory(tx, loss, data, params, steps, metric):

@@ -203,3 +203,36 @@ def test_make_mesh_uses_all_devices_by_default():
     mesh = fsq.parallel.make_mesh()
     assert mesh.axis_names == (fsq.parallel.DEVICE_AXIS,)
     assert mesh.devices.size == jax.device_count() == 8
+
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kwargs: COMPILES.append(event) if "backend_compile" in event else None
+)
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap", "vmap"])
+@pytest.mark.parametrize(
+    "extras",
+    [{}, {"compression": fsq.compression.top_k(0.3), "worker_momentum": 0.5}, {"delay": 0}],
+    ids=["defaults", "per-worker-state", "no-delay"],
+)
+def test_the_step_compiles_once(backend, extras):
+    """``init`` gives the state the shardings the step returns it with (empty buffers and
+    one-device meshes included), so the second step reuses the first one's program."""
+    tx = fsq.flying_squirrel(
+        fsq.adam(0.1), num_workers=8, axis_name=fsq.parallel.AXIS_NAME, **{"delay": 3, **extras}
+    )
+    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=8, backend=backend)
+    state, _ = dp.step(dp.init(init_params()), make_data(8))
+    before = len(COMPILES)
+    for _ in range(3):
+        state, _ = dp.step(state, make_data(8))
+    assert len(COMPILES) == before
+
+
+def test_multisteps_around_the_transform_names_the_fix():
+    tx = optax.MultiSteps(squirrel(8, fsq.parallel.AXIS_NAME), every_k_schedule=2)
+    dp = fsq.parallel.data_parallel(mlp_loss, tx, num_workers=8)
+    with pytest.raises(ValueError, match=r"MultiSteps.*fsq.accumulate\(inner, k\)"):
+        dp.step(dp.init(init_params()), make_data(8))

@@ -302,15 +302,22 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
 
 
 def test_bfloat16_params_get_bfloat16_updates():
-    tx = fsq.flying_squirrel(fsq.adam(0.1), num_workers=2, delay=0)
-    params = {"w": jnp.ones(3, jnp.bfloat16)}
-    init = jax.vmap(tx.init, in_axes=None, out_axes=None, axis_size=2, axis_name=AXIS)
-    update = jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name=AXIS)
-    state = init(params)
-    assert state.in_flight.pending().dtype == jnp.float32  # sums are kept in float32
-    updates, _ = update({"w": jnp.ones((2, 3), jnp.bfloat16)}, state, params)
-    assert updates["w"].dtype == jnp.bfloat16
-    assert not np.allclose(np.asarray(updates["w"], np.float32), 0.0)
+    """Sums are kept in float32; the update, cast to bfloat16, is the float32 run's."""
+    updates = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+        tx = fsq.flying_squirrel(fsq.adam(0.1), num_workers=2, delay=2)
+        workers = fsq.parallel.vmap_workers(tx, num_workers=2)
+        params = {"w": jnp.ones(3, dtype)}
+        state = workers.init(params)
+        assert state.in_flight.pending().dtype == jnp.float32  # sums are kept in float32
+        grads = {"w": jnp.asarray([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]], dtype)}
+        for _ in range(3):
+            u, state = workers.update(grads, state, params)
+            params = optax.apply_updates(params, u)
+        assert u["w"].dtype == dtype
+        updates[dtype] = np.asarray(u["w"], np.float32)
+    assert not np.allclose(updates[jnp.float32], 0.0)
+    np.testing.assert_allclose(updates[jnp.bfloat16], updates[jnp.float32], rtol=1e-2)
 
 
 def test_works_with_per_worker_batched_state_too():
@@ -328,6 +335,8 @@ def test_works_with_per_worker_batched_state_too():
 
 @pytest.mark.parametrize("extras", [PLAIN, {}], ids=["plain", "defaults"])
 def test_non_finite_gradients_are_rejected_and_counted(extras):
+    # The values of the defaults' run with NaN gradients are checked against the numpy
+    # reference in tests/test_combinations.py.
     steps, tau = 6, 2
     tx = fsq.flying_squirrel(fsq.sgd(0.5), num_workers=W, delay=tau, **extras)
     update = jax.jit(jax.vmap(tx.update, in_axes=(0, None, None), out_axes=None, axis_name=AXIS))
