@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from experiments import tables
+from tabulate import tabulate
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -17,7 +17,8 @@ def main() -> None:
     for path in sorted(RESULTS.glob("*.json")):
         payload = json.loads(path.read_text())
         print(f"### {path.stem} ({payload['device']}, jax {payload['jax']})\n")
-        print(tables.markdown(payload["rows"]) + "\n")
+        rows = payload["rows"]
+        print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g") + "\n")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-
-from experiments import tables
+from tabulate import tabulate
 
 
 def median_seconds(
@@ -72,7 +71,7 @@ def bytes_accessed(step: Callable, *args) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(tables.text(rows))
+    print(tabulate(rows, headers="keys", floatfmt=".4g", disable_numparse=True))
 
 
 def save(name: str, payload: dict) -> pathlib.Path:

@@ -20,8 +20,8 @@ import time
 
 import jax
 
-from experiments import coordination, records, report
-from experiments.studies import STUDIES, Settings
+from experiments import records, report
+from experiments.studies import STUDIES, Settings, coordination
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     results, seconds = [], {}
     for name in STUDIES if study == "all" else (study,):
         start = time.perf_counter()
-        results += STUDIES[name](settings)
+        results += STUDIES[name].run(settings)
         seconds[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: {seconds[name]:.0f} s")
     meta = {

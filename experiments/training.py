@@ -1,12 +1,13 @@
 """The training loop of every study: runs x workers x steps in one compiled program.
 
 A study compares many runs (a grid of hyperparameters x seeds) of one configuration.
-Here they are all one program: ``jax.vmap`` over runs, ``jax.lax.scan`` over steps, and
-per step the ``W`` workers under ``jax.vmap`` (``W / D`` per device) inside
-``jax.shard_map`` over ``D`` devices, bound to the axes of :data:`fsq.parallel.AXIS_NAME`,
-so a Flying Squirrel built with ``axis_name=fsq.parallel.AXIS_NAME`` exchanges its rows
-with one all-reduce per step, as in a real data-parallel job. It compiles once per
-configuration and runs at the speed of the hardware.
+Here they are all one program, laid out by :mod:`fsq.parallel`: once per device
+(:func:`fsq.parallel.per_device`), ``jax.vmap`` over runs, ``jax.lax.scan`` over steps,
+and per step the device's ``W / D`` workers (:func:`fsq.parallel.vmap_workers`), bound to
+the axes of :data:`fsq.parallel.AXIS_NAME`, so a Flying Squirrel built with
+``axis_name=fsq.parallel.AXIS_NAME`` exchanges its rows with one all-reduce per step, as
+in a real data-parallel job. It compiles once per configuration and runs at the speed of
+the hardware.
 
 Every random choice is a pure function of the run's seed: the initial parameters, and
 worker ``i``'s minibatch at step ``t`` from ``fold_in(fold_in(data_key, t), i)``, so a
@@ -26,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 import fsq
 from experiments.tasks.base import Task
@@ -142,31 +142,28 @@ def train(
 
     def one_run(values, seed):
         tx = make_tx(dict(zip(names, values, strict=True)), seed)
+        workers = fsq.parallel.vmap_workers(tx, num_workers=local)
         init_key, data_key = jax.random.split(jax.random.key(seed))
         params = task.init(init_key)
+        ids = fsq.parallel.worker_ids(local)
 
-        def worker(params, state, step):
-            device = jax.lax.axis_index(fsq.parallel.DEVICE_AXIS)
-            index = device * local + jax.lax.axis_index(fsq.parallel.WORKER_AXIS)
+        def gradient(params, step, index):
+            """Worker ``index``'s loss and gradient at ``step``, on its own minibatch."""
             key = jax.random.fold_in(jax.random.fold_in(data_key, step), index)
             mask = (jnp.arange(width) < sizes[index]).astype(jnp.float32)
             if task.sample_shard is None:
                 batch = task.sample(key, width)
             else:
                 batch = task.sample_shard(key, width, index, num_workers)
-            loss, grads = jax.value_and_grad(mean_loss)(params, batch, mask)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-        workers = {"axis_size": local, "axis_name": fsq.parallel.WORKER_AXIS}
-        step_all = jax.vmap(worker, in_axes=(None, None, None), out_axes=(None, None, 0), **workers)
-        init = jax.vmap(tx.init, in_axes=None, out_axes=None, **workers)
+            return jax.value_and_grad(mean_loss)(params, batch, mask)
 
         def body(carry, step):
-            params, state, losses = step_all(*carry, step)
+            params, state = carry
+            losses, grads = jax.vmap(gradient, in_axes=(None, None, 0))(params, step, ids)
+            updates, state = workers.update(grads, state, params)
             delivered = optax.tree.get(state, "delivered")
             stale = optax.tree.get(state, "staleness") * delivered
-            return (params, state), (losses.mean(), stale, delivered)
+            return (optax.apply_updates(params, updates), state), (losses.mean(), stale, delivered)
 
         def chunk(carry, chunk_steps):
             carry, outputs = jax.lax.scan(body, carry, chunk_steps)
@@ -175,24 +172,21 @@ def train(
 
         chunks = jnp.arange(steps).reshape(max(test_points, 1), -1)
         (params, _), ((losses, stale, delivered), test_curve) = jax.lax.scan(
-            chunk, (params, init(params)), chunks
+            chunk, (params, workers.init(params)), chunks
         )
         staleness = jnp.sum(stale) / jnp.maximum(jnp.sum(delivered), 1)
         return params, losses.reshape(-1), test_curve, staleness
 
-    def on_device(values, seeds):
-        params, losses, test_curve, staleness = jax.vmap(one_run)(values, seeds)
-        return params, losses[None], test_curve, staleness  # losses: this device's workers
-
     @jax.jit
     def program(values, seeds):
-        params, losses, test_curve, staleness = jax.shard_map(
-            on_device,
-            mesh=mesh,
-            in_specs=P(),
-            out_specs=(P(), P(fsq.parallel.DEVICE_AXIS), P(), P()),
-            check_vma=False,
+        # Every device returns every run; all but the losses (of its own workers) are the
+        # same on all devices.
+        params, losses, test_curve, staleness = fsq.parallel.per_device(
+            jax.vmap(one_run), mesh=mesh
         )(values, seeds)
+        params, test_curve, staleness = jax.tree.map(
+            lambda x: x[0], (params, test_curve, staleness)
+        )
         # One run at a time: a test set evaluated by every run at once can take gigabytes.
         return losses.mean(0), jax.lax.map(task.evaluate, params), test_curve, staleness
 

@@ -197,6 +197,42 @@ def vmap_workers(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def worker_ids(num_local: int) -> jax.Array:
+    """The global ids of the ``num_local`` workers of this device (``[num_local]`` int32),
+    inside a function mapped over the devices (:func:`per_device`, or the step of
+    :func:`data_parallel`): device ``d`` holds workers ``d * num_local .. (d + 1) *
+    num_local - 1``, the order of :data:`AXIS_NAME`'s mixed-radix worker index."""
+    device = jax.lax.axis_index(DEVICE_AXIS)
+    return (device * num_local + jnp.arange(num_local)).astype(jnp.int32)
+
+
+def per_device(fn: Callable[..., Any], *, mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+    """``fn`` run once per device of ``mesh``, under the device axis of :data:`AXIS_NAME`:
+    every argument is given whole to every device, and every output comes back stacked
+    over the devices (a leading axis of ``D``).
+
+    For programs that keep a whole simulation on the devices (a ``scan`` over steps of
+    :func:`vmap_workers` updates, as the studies of ``experiments/`` run), where no state
+    crosses between devices but through the transform's own collectives.
+
+    Example:
+      >>> import jax.numpy as jnp, fsq
+      >>> mesh = fsq.parallel.make_mesh(2)
+      >>> fsq.parallel.per_device(lambda x: x + fsq.parallel.worker_ids(3), mesh=mesh)(
+      ...     jnp.zeros(3)).tolist()
+      [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    """
+    if mesh.axis_names != (DEVICE_AXIS,):
+        raise ValueError(f"mesh must have the single axis {DEVICE_AXIS!r} (use make_mesh)")
+
+    def stacked(*args):
+        return jax.tree.map(lambda x: x[None], fn(*args))
+
+    return jax.shard_map(
+        stacked, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), check_vma=False
+    )
+
+
 def data_parallel(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -407,5 +443,7 @@ __all__ = [
     "TrainState",
     "data_parallel",
     "make_mesh",
+    "per_device",
     "vmap_workers",
+    "worker_ids",
 ]

@@ -20,7 +20,9 @@ TABLE = RNG.integers(0, 3, size=(5, W))
 
 def gradients(w, step):
     del step
-    return jnp.einsum("wij,wj->wi", jnp.asarray(A, jnp.float32), w[None] - jnp.asarray(C, jnp.float32))
+    return jnp.einsum(
+        "wij,wj->wi", jnp.asarray(A, jnp.float32), w[None] - jnp.asarray(C, jnp.float32)
+    )
 
 
 def test_the_preset_is_its_assembly():
@@ -129,9 +131,7 @@ def test_bad_assemblies_raise_at_construction(build, error, match):
 
 
 def test_a_sparse_exchange_without_a_sparse_compressor_says_so():
-    tx = fsq.asynchronous(
-        fsq.sgd(LR), num_workers=W, line=T.delay_line(2, exchange="sparse")
-    )
+    tx = fsq.asynchronous(fsq.sgd(LR), num_workers=W, line=T.delay_line(2, exchange="sparse"))
     workers = fsq.parallel.vmap_workers(tx, num_workers=W)
     state = workers.init(jnp.zeros(DIM))
     with pytest.raises(ValueError, match="sparse compressor"):

@@ -1,25 +1,33 @@
-"""The studies: each a module with ``run(settings) -> records``, registered in :data:`STUDIES`.
+"""The studies, registered in :data:`STUDIES`: what each runs, and how the report shows it.
 
-A new study is one more module with ``NAME``, ``SIZES``
-(one size per scale of :data:`base.SCALES`) and ``run``, and one more line here; the
+A new study is one more module with ``NAME``, ``SIZES`` (one size per scale of
+:data:`base.SCALES`), ``run(settings) -> records``, ``section(records) -> lines`` of its
+part of the report, and optionally ``plot(records, folder)``, and one more line here; the
 runner, the records and the report take it from there.
 """
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 from experiments import records
 from experiments.studies import anchors, classic, compression, faults, staleness, workers
 from experiments.studies.base import SCALES, Settings
 
-STUDIES: dict[str, Callable[[Settings], list[records.Record]]] = {
-    classic.NAME: classic.run,
-    staleness.NAME: staleness.run,
-    workers.NAME: workers.run,
-    anchors.NAME: anchors.run,
-    compression.NAME: compression.run,
-    faults.NAME: faults.run,
+
+class Study(NamedTuple):
+    """A study: how to run it, and its part of the report."""
+
+    run: Callable[[Settings], list[records.Record]]
+    section: Callable[[list[records.Record]], list[str]]
+    plot: Callable[[list[records.Record], pathlib.Path], None] | None = None
+
+
+STUDIES: dict[str, Study] = {
+    module.NAME: Study(module.run, module.section, getattr(module, "plot", None))
+    for module in (classic, staleness, workers, anchors, compression, faults)
 }
 
-__all__ = ["SCALES", "STUDIES", "Settings"]
+__all__ = ["SCALES", "STUDIES", "Settings", "Study"]

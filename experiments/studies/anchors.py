@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
+
 from experiments import records, tasks, training
+from experiments.presentation import markdown
+from experiments.records import Record, group
 from experiments.studies import base
 
 NAME = "anchors"
@@ -63,3 +67,40 @@ def run(settings: base.Settings) -> list[records.Record]:
             describe=lambda values: records.Run("adam", values, base.SYNCHRONOUS),
         )
     return out
+
+
+def section(rows: list[Record]) -> list[str]:
+    lines = [
+        "## Sanity anchors: the MNIST-1D paper",
+        "",
+        "Synchronous data-parallel training with fsq's catalogue (Flying Squirrel with delay "
+        f"0 and every extra off over `fsq.adam`, learning rate {LEARNING_RATE}, "
+        f"{WORKERS} workers x {BATCH} examples = batch "
+        f"{WORKERS * BATCH}), against the test accuracies of Greydanus "
+        f"(2020), with a tolerance of {100 * TOLERANCE:.0f} points.",
+        "",
+    ]
+    table, verdicts = [], []
+    for task, runs in group(rows, "task").items():
+        accuracy = np.asarray([r.test_accuracy for r in runs])
+        paper = PAPER[task]
+        within = bool(abs(accuracy.mean() - paper) <= TOLERANCE)
+        verdicts.append(within)
+        table.append(
+            {
+                "task": task,
+                "steps": runs[0].steps,
+                "seeds": len(runs),
+                "paper (%)": f"{100 * paper:.0f}",
+                "fsq (%)": f"{100 * accuracy.mean():.1f} +- {100 * accuracy.std():.1f}",
+                "difference (points)": f"{100 * (accuracy.mean() - paper):+.1f}",
+                "within 3 points": "yes" if within else "no",
+            }
+        )
+    lines += [markdown(table), ""]
+    if all(verdicts):
+        lines.append("All anchors are reproduced within 3 points.")
+    else:
+        missed = [t["task"] for t, ok in zip(table, verdicts, strict=True) if not ok]
+        lines.append(f"Not within 3 points: {', '.join(missed)} (see the steps column).")
+    return [*lines, ""]

@@ -12,12 +12,29 @@ the same gradients.
 
 from __future__ import annotations
 
+import pathlib
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import records, tasks, training
+from experiments.presentation import (
+    batch,
+    figure,
+    final_train_loss,
+    image,
+    markdown,
+    metric_axis,
+    metric_name,
+    plotted,
+    relative,
+    save,
+    summary,
+)
+from experiments.records import Record, best_rate, group
 from experiments.studies import base
+from experiments.studies.base import SYNCHRONOUS
 
 NAME = "classic"
 WORKERS = 8
@@ -101,3 +118,93 @@ def run(settings: base.Settings) -> list[records.Record]:
         )
         out += records.from_outcome(outcome, task, study=NAME, workers=WORKERS, describe=describe)
     return out
+
+
+def section(rows: list[Record]) -> list[str]:
+    lines = [
+        "## Classic catalogue",
+        "",
+        "Per task and optimizer: the best synchronous learning rate (by the headline "
+        "metric), its final training loss and metric, then the metric once uniform delays "
+        "are added at that rate, frozen (plain asynchronous Flying Squirrel: no "
+        "compensation, no staleness rule). Percentages in brackets are of synchronous. "
+        "Plots: training curves at the best learning rate (loss above the floor where it "
+        "is known), the metric against the learning rate, and against the delay.",
+        "",
+        image("classic_curves.png", "best curves"),
+        image("classic_sensitivity.png", "learning-rate sensitivity"),
+        image("classic_staleness.png", "staleness tolerance"),
+        "",
+    ]
+    for task, by_task in group(rows, "task").items():
+        first = by_task[0]
+        delays = [d for d in group(by_task, "delay") if d != SYNCHRONOUS]
+        table = []
+        for method, runs in group(by_task, "method").items():
+            sync = [r for r in runs if r.delay == SYNCHRONOUS]
+            lr = best_rate(sync)
+            at_lr = group(runs, "learning_rate")[lr]
+            best = group(at_lr, "delay")
+            row = {
+                "optimizer": method,
+                "best lr": lr,
+                "final train loss": final_train_loss(best[SYNCHRONOUS]),
+                metric_name(first): summary(best[SYNCHRONOUS]),
+            }
+            for delay in delays:
+                row[delay] = summary(best[delay]) + relative(best[delay], best[SYNCHRONOUS])
+            table.append(row)
+        lines += [
+            f"**{task}** ({first.workers} workers x {batch(first)}, {first.steps} steps, "
+            f"{len(group(by_task, 'seed'))} seeds; {metric_name(first)}):",
+            "",
+            markdown(table),
+            "",
+        ]
+    return lines
+
+
+def plot(rows: list[Record], out: pathlib.Path) -> None:
+    by_task = group(rows, "task")
+    plt, fig, axes = figure(len(by_task))
+    for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
+        for method, by_method in group(runs, "method").items():
+            sync = [r for r in by_method if r.delay == SYNCHRONOUS]
+            best = group(sync, "learning_rate")[best_rate(sync)]
+            curve = np.mean([np.asarray(r.curve, float) for r in best], axis=0)
+            steps = np.linspace(0, best[0].steps, len(curve) + 1)[1:]
+            # Smoothed over 5 points: near a floor, noise makes single points negative.
+            smooth = np.convolve(curve - (best[0].loss_floor or 0.0), np.ones(5) / 5, "valid")
+            ax.plot(steps[len(steps) - len(smooth) :], smooth, label=method)
+        ax.set_yscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss" + (" - floor" if runs[0].loss_floor is not None else ""))
+    axes[0].legend(fontsize=7)
+    save(plt, fig, out / "classic_curves.png")
+
+    plt, fig, axes = figure(len(by_task))
+    for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
+        for method, by_method in group(runs, "method").items():
+            sync = group([r for r in by_method if r.delay == SYNCHRONOUS], "learning_rate")
+            rates = sorted(sync)
+            ax.plot(rates, [plotted(sync[lr]) for lr in rates], marker="o", label=method)
+        metric_axis(ax, runs[0])
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (synchronous)")
+        ax.set_title(task)
+    axes[0].legend(fontsize=7)
+    save(plt, fig, out / "classic_sensitivity.png")
+
+    plt, fig, axes = figure(len(by_task))
+    for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
+        for method, by_method in group(runs, "method").items():
+            sync = [r for r in by_method if r.delay == SYNCHRONOUS]
+            at_lr = group(group(by_method, "learning_rate")[best_rate(sync)], "delay")
+            bounds = [r.hyperparameters["max_delay"] for r in (v[0] for v in at_lr.values())]
+            ax.plot(bounds, [plotted(v) for v in at_lr.values()], marker="o", label=method)
+        metric_axis(ax, runs[0])
+        ax.set_xlabel("max delay (uniform), lr frozen")
+        ax.set_title(task)
+    axes[0].legend(fontsize=7)
+    save(plt, fig, out / "classic_staleness.png")

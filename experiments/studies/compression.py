@@ -19,6 +19,8 @@ import jax
 
 import fsq
 from experiments import mnist1d, records, tasks, training
+from experiments.presentation import batch, markdown, metric_name, percent_of, summary
+from experiments.records import Record, group
 from experiments.studies import base
 
 NAME = "compression"
@@ -95,3 +97,34 @@ def run(settings: base.Settings) -> list[records.Record]:
             num_workers=WORKERS,
         )
     return out
+
+
+def section(rows: list[Record]) -> list[str]:
+    lines = [
+        "## Compression",
+        "",
+        "Synchronous training with each worker's message compressed (EF: error feedback). "
+        "Bytes per step are the compressed message's; dense float32 is the 1x reference.",
+        "",
+    ]
+    for (task, shards), runs in group(rows, "task", "shards").items():
+        by_method = group(runs, "method")
+        dense = by_method["dense"]
+        table = [
+            {
+                "method": m,
+                metric_name(r[0]): summary(r),
+                "of dense": percent_of(r, dense),
+                "bytes / step": r[0].bytes_per_step,
+                "fewer bytes": f"{dense[0].bytes_per_step / r[0].bytes_per_step:.1f}x",
+            }
+            for m, r in by_method.items()
+        ]
+        lines += [
+            f"**{task}, {shards} shards** ({dense[0].workers} workers x {batch(dense[0])}, "
+            f"{dense[0].steps} steps, {len(dense)} seeds):",
+            "",
+            markdown(table),
+            "",
+        ]
+    return lines

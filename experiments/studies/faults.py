@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import fsq
 from experiments import records, tasks, training
+from experiments.presentation import batch, markdown, metric_name, percent_of, summary
+from experiments.records import Record, group
 from experiments.studies import base
 
 NAME = "faults"
@@ -136,3 +138,29 @@ def run(settings: base.Settings) -> list[records.Record]:
             num_workers=WORKERS,
         )
     return out
+
+
+def section(rows: list[Record]) -> list[str]:
+    lines = [
+        "## Faults",
+        "",
+        "Training with failing, dropping and Byzantine workers (Flying Squirrel's defaults, "
+        "SGD-momentum at the synchronously tuned learning rate; the robust rules with worker "
+        "momentum). The last column is the share of the failure-free accuracy kept.",
+        "",
+    ]
+    for (task, delay), runs in group(rows, "task", "delay").items():
+        by_method = group(runs, "method")
+        clean = by_method["failure-free"]
+        table = [
+            {"scenario": m, metric_name(r[0]): summary(r), "of failure-free": percent_of(r, clean)}
+            for m, r in by_method.items()
+        ]
+        lines += [
+            f"**{task}, delays {delay}** ({clean[0].workers} workers x {batch(clean[0])}, "
+            f"{clean[0].steps} steps, {len(clean)} seeds):",
+            "",
+            markdown(table),
+            "",
+        ]
+    return lines

@@ -9,10 +9,25 @@ levels of a method are one program (one in-flight buffer sized for the largest).
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, NamedTuple
 
 from experiments import records, tasks, training
+from experiments.presentation import (
+    batch,
+    figure,
+    image,
+    markdown,
+    metric_axis,
+    metric_name,
+    plotted,
+    relative,
+    save,
+    summary,
+)
+from experiments.records import Record, best_rate, group
 from experiments.studies import base
+from experiments.studies.base import SYNCHRONOUS, SYNCHRONOUS_METHOD
 
 NAME = "staleness"
 WORKERS = 8
@@ -127,3 +142,57 @@ def delayed(
             channels,
         ),
     )
+
+
+def section(rows: list[Record]) -> list[str]:
+    lines = [
+        "## Staleness",
+        "",
+        "Learning rate tuned for synchronous training, frozen, then uniform delays up to "
+        "`max_delay` (columns). Percentages in brackets are of synchronous.",
+        "",
+        image("staleness.png", "metric against delay"),
+        "",
+    ]
+    for (task, inner), runs in group(rows, "task", "inner").items():
+        sync = [r for r in runs if r.method == SYNCHRONOUS_METHOD]
+        lr = best_rate(sync)
+        sync = group(sync, "learning_rate")[lr]
+        delayed = [r for r in runs if r.method != SYNCHRONOUS_METHOD]
+        delays = list(group(delayed, "delay"))
+        table = []
+        for method, by_method in group(delayed, "method").items():
+            cells = group(by_method, "delay")
+            row = {"method": method, SYNCHRONOUS: summary(sync)}
+            row |= {d: summary(cells[d]) + relative(cells[d], sync) for d in delays}
+            table.append(row)
+        lines += [
+            f"**{task}, {inner} inner** (lr {lr}, {sync[0].workers} workers x {batch(sync[0])}, "
+            f"{sync[0].steps} steps, {len(sync)} seeds; {metric_name(sync[0])}):",
+            "",
+            markdown(table),
+            "",
+        ]
+    return lines
+
+
+def plot(rows: list[Record], out: pathlib.Path) -> None:
+    panels = group(rows, "task", "inner")
+    plt, fig, axes = figure(len(panels))
+    for ax, ((task, inner), runs) in zip(axes, panels.items(), strict=True):
+        sync_runs = [r for r in runs if r.method == SYNCHRONOUS_METHOD]
+        sync = group(sync_runs, "learning_rate")[best_rate(sync_runs)]
+        for method, by_method in group(runs, "method").items():
+            if method == SYNCHRONOUS_METHOD:
+                continue
+            cells = group(by_method, "delay")
+            bounds = [0] + [v[0].hyperparameters["max_delay"] for v in cells.values()]
+            values = [plotted(sync)] + [plotted(v) for v in cells.values()]
+            ax.plot(bounds, values, marker="o", label=method)
+        ax.axhline(plotted(sync), color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xscale("symlog", linthresh=4)
+        metric_axis(ax, runs[0])
+        ax.set_xlabel("max delay (uniform)")
+        ax.set_title(f"{task}, {inner} inner")
+    axes[0].legend(fontsize=7)
+    save(plt, fig, out / "staleness.png")

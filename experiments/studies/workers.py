@@ -10,9 +10,15 @@ staleness of an asynchronous cluster whose every other worker updates in between
 
 from __future__ import annotations
 
+import pathlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+
 from experiments import records, tasks, training
+from experiments.presentation import batch, figure, image, markdown, save
+from experiments.records import Record, group
 from experiments.studies import base
 
 NAME = "workers"
@@ -83,3 +89,80 @@ def run(settings: base.Settings) -> list[records.Record]:
             outcome, task, study=NAME, workers=workers, describe=describe, target_loss=target
         )
     return out
+
+
+def steps_to_target(rows: Sequence[Record]) -> float:
+    """Mean steps to the target over seeds; infinite if any seed missed it."""
+    steps = [r.steps_to_target for r in rows]
+    return float("inf") if None in steps else float(np.mean(steps))
+
+
+def speedups(rows: list[Record]) -> dict[tuple[str, str], dict[int, tuple[float, float]]]:
+    """Per (task, method): ``{W: (best lr, steps to target)}``, best lr per ``W``."""
+    out: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    for key, runs in group(rows, "task", "method").items():
+        out[key] = {}
+        for w, by_w in group(runs, "workers").items():
+            by_rate = group(by_w, "learning_rate")
+            lr = min(by_rate, key=lambda x: steps_to_target(by_rate[x]))
+            out[key][w] = (lr, steps_to_target(by_rate[lr]))
+    return out
+
+
+def section(rows: list[Record]) -> list[str]:
+    lines = [
+        "## Workers: speed-up",
+        "",
+        "Steps until the test loss (evaluated 50 times per run) reaches the target, at the "
+        "best learning rate per `W` (mean over seeds; `-` if a seed never reached it), for "
+        "synchronous training and for Flying Squirrel with uniform delays up to `W` steps. "
+        "Each worker keeps its batch, so linear speed-up is `speed-up = W`. The learning "
+        "rates are half a decade apart and a test loss near the target can cross it early "
+        "or late by chance, so single speed-ups carry noise of tens of percent: read the "
+        "trend.",
+        "",
+        image("workers.png", "speed-up against workers"),
+        "",
+    ]
+    for (task, method), by_w in speedups(rows).items():
+        base = by_w[min(by_w)][1]
+        table = [
+            {
+                "W": w,
+                "best lr": lr,
+                "steps to target": "-" if np.isinf(s) else f"{s:.0f}",
+                "speed-up": "-" if np.isinf(s) else f"{base / s:.2f}",
+                "efficiency": "-" if np.isinf(s) else f"{base / s / (w / min(by_w)):.2f}",
+            }
+            for w, (lr, s) in by_w.items()
+        ]
+        sample = next(r for r in rows if r.task == task)
+        lines += [
+            f"**{task}, {method}** ({batch(sample)} per worker, target test loss "
+            f"{sample.target_loss}, {sample.steps} steps):",
+            "",
+            markdown(table),
+            "",
+        ]
+    return lines
+
+
+def plot(rows: list[Record], out: pathlib.Path) -> None:
+    by_task: dict[str, dict] = {}
+    for (task, method), by_w in speedups(rows).items():
+        by_task.setdefault(task, {})[method] = by_w
+    plt, fig, axes = figure(len(by_task))
+    for ax, (task, methods) in zip(axes, by_task.items(), strict=True):
+        for method, by_w in methods.items():
+            base = by_w[min(by_w)][1]
+            ws = [w for w, (_, s) in by_w.items() if np.isfinite(s)]
+            ax.plot(ws, [base / by_w[w][1] for w in ws], marker="o", label=method)
+        ws = sorted({w for by_w in methods.values() for w in by_w})
+        ax.plot(ws, [w / ws[0] for w in ws], color="gray", linestyle="--", label="linear")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("workers W")
+        ax.set_ylabel("speed-up in steps to target")
+        ax.set_title(task)
+    axes[0].legend(fontsize=7)
+    save(plt, fig, out / "workers.png")

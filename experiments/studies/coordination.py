@@ -1,6 +1,6 @@
 """The coordination problem: does asynchronous training keep synchronous accuracy?
 
-Protocol (issue 4): MNIST-1D MLP, 8 workers, 32 examples per worker and step. Tune the
+Protocol: MNIST-1D MLP, 8 workers, 32 examples per worker and step. Tune the
 learning rate of synchronous training (delay 0), freeze it, then add delay without
 retuning. Columns: uniform delays with max_delay 4, 16, 64 and a heavy-tailed straggler
 model truncated at 64. Rows: plain asynchronous SGD (every extra off), each technique on
