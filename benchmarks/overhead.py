@@ -5,9 +5,17 @@ The synchronous reference is what users write by hand: local gradients in a shar
 one ``pmean``, the optax update. Reported: median step time over interleaved
 repetitions, and the ratio to the synchronous step.
 
-Run: ``python -m benchmarks.overhead [--devices 1] [--width 1024] [--batches 32 256]``;
-``--profile STEP`` lists instead where the time of one step goes (a ``jax.profiler``
-trace: the operations of its compiled program by time per step).
+Two layouts:
+
+- ``--layout devices`` (default): one worker per device, against the step of a
+  ``shard_map`` with one ``pmean``;
+- ``--layout vmap``: ``--workers`` workers on one device (``data_parallel(backend="vmap")``,
+  the path of laptops and of the studies), against the step a user writes by hand: a
+  ``vmap`` of the per-worker gradients, their mean, one update.
+
+Run: ``python -m benchmarks.overhead [--layout devices|vmap] [--devices 1] [--width 1024]
+[--batches 32 256]``; ``--profile STEP`` lists instead where the time of one step goes (a
+``jax.profiler`` trace: the operations of its compiled program by time per step).
 
 The ratio depends on the batch: Flying Squirrel's extra work is a fixed number of passes
 over the parameters per step, the gradient's cost grows with the batch. Next to the
@@ -30,10 +38,15 @@ import jax
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--layout", choices=["devices", "vmap"], default="devices")
     parser.add_argument("--devices", type=int, default=1, help="CPU devices to simulate")
+    parser.add_argument("--workers", type=int, default=8, help="workers of the vmap layout")
     parser.add_argument("--width", type=int, default=1024, help="MLP hidden width")
     parser.add_argument(
-        "--batches", type=int, nargs="+", default=[32, 256], help="examples per worker"
+        "--batches",
+        type=int,
+        nargs="+",
+        help="examples per worker (default: 32 and 256 for devices, 32 for vmap)",
     )
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument(
@@ -52,9 +65,11 @@ def main() -> None:
     import fsq
     from benchmarks import mlp, timing
 
-    mesh = fsq.parallel.make_mesh()
-    workers = mesh.devices.size
-    sizes = (784, args.width, args.width, 10)
+    vmap = args.layout == "vmap"
+    args.batches = args.batches or ([32] if vmap else [32, 256])
+    mesh = fsq.parallel.make_mesh(1 if vmap else None)
+    workers = args.workers if vmap else mesh.devices.size
+    sizes = (784, args.width, args.width // 2 if vmap else args.width, 10)
     params = mlp.init(sizes)
     num_params = mlp.num_params(params)
     loss_fn = mlp.loss
@@ -79,9 +94,23 @@ def main() -> None:
             )
         )
 
-    # The reference as the issue states it, and, over one device, without its pmean (which
-    # XLA runs as a copy there, and Flying Squirrel skips).
-    sync_steps = {"synchronous (hand-written)": sync_step_with(True)}
+    def vmap_step():
+        """Every worker's gradient under a vmap, their mean, one update, as users write."""
+
+        def step(params, opt_state, batch):
+            losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(params, batch)
+            grads = jax.tree.map(lambda g: g.mean(0), grads)
+            updates, opt_state = inner.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, losses
+
+        return jax.jit(step)
+
+    # The reference, and, over one device, the same without its pmean (which XLA runs as a
+    # copy there, and Flying Squirrel skips).
+    if vmap:
+        sync_steps = {"synchronous (hand-written)": vmap_step()}
+    else:
+        sync_steps = {"synchronous (hand-written)": sync_step_with(True)}
     if workers == 1:
         sync_steps["synchronous, no pmean"] = sync_step_with(False)
     variants = {
@@ -119,7 +148,10 @@ def main() -> None:
             tx = fsq.flying_squirrel(
                 inner, num_workers=workers, axis_name=fsq.parallel.AXIS_NAME, **kwargs
             )
-            dp = fsq.parallel.data_parallel(loss_fn, tx, num_workers=workers, mesh=mesh)
+            backend = "vmap" if vmap else "shard_map"
+            dp = fsq.parallel.data_parallel(
+                loss_fn, tx, num_workers=workers, mesh=mesh, backend=backend
+            )
             holder = [dp.init(params)]
             accessed[f"flying squirrel, {name}"] = timing.bytes_accessed(dp.step, holder[0], batch)
 
@@ -150,10 +182,10 @@ def main() -> None:
         ]
     if args.profile is not None:
         return
-    print(f"{workers} workers on {workers} devices, MLP {sizes}, {num_params} params")
+    print(f"{workers} workers on {mesh.devices.size} devices, MLP {sizes}, {num_params} params")
     timing.print_table(rows)
     path = timing.save(
-        "overhead",
+        "overhead" if not vmap else "overhead_vmap",
         {
             "workers": workers,
             "num_params": num_params,

@@ -9,7 +9,14 @@ two models of the MNIST-1D study: logistic regression (410 parameters, where a
 simulator's own cost dominates, as in most delay studies) and the MLP (15k parameters,
 where both approach the arithmetic limit of the cores).
 
-Run: ``python -m benchmarks.throughput [--devices 8] [--workers 8 64 256]``.
+With ``--sweep``, instead: how compile time and step time grow with the number of
+workers on one device (``data_parallel(backend="vmap")``, Flying Squirrel's defaults,
+uniform delays up to 16, a 9.6k-parameter MLP of 8x8 digits): a simulator that claims to
+scale must compile in about the same time for thousands of workers as for dozens, and
+take time linear in their number per step.
+
+Run: ``python -m benchmarks.throughput [--devices 8] [--workers 8 64 256]``, or
+``python -m benchmarks.throughput --sweep [--workers 64 256 1024 4096]``.
 """
 
 from __future__ import annotations
@@ -27,11 +34,18 @@ MODELS = {"logistic": (40, 10), "mlp": (40, 100, 100, 10)}
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    parser.add_argument("--workers", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument(
+        "--workers", type=int, nargs="+", help="default: 8 64 256, or 64 256 1024 4096 (--sweep)"
+    )
     parser.add_argument("--steps", type=int, default=40, help="fsq steps timed per repeat")
     parser.add_argument("--baseline-steps", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sweep", action="store_true", help="compile and step time against W")
     args = parser.parse_args()
+    if args.sweep:
+        sweep(args.workers or [64, 256, 1024, 4096])
+        return
+    args.workers = args.workers or [8, 64, 256]
     jax.config.update("jax_num_cpu_devices", args.devices)
 
     import numpy as np
@@ -126,6 +140,51 @@ def main() -> None:
     )
     timing.print_table(rows)
     print(f"results: {timing.save('throughput', {'rows': rows})}")
+
+
+def sweep(workers: list[int], steps: int = 10) -> None:
+    """Compile time (lowering and compiling one step) and median step time per ``W``."""
+    import time
+
+    import jax.numpy as jnp
+
+    import fsq
+    from benchmarks import mlp, timing
+
+    sizes = (64, 128, 10)
+    params = mlp.init(sizes)
+    rows = []
+    for w in workers:
+        tx = fsq.flying_squirrel(
+            fsq.sgd(0.1),
+            num_workers=w,
+            axis_name=fsq.parallel.AXIS_NAME,
+            delay=fsq.delays.uniform(16),
+        )
+        dp = fsq.parallel.data_parallel(mlp.loss, tx, num_workers=w, backend="vmap")
+        batch = (jnp.ones((w, 16, sizes[0])), jnp.zeros((w, 16), jnp.int32))
+        holder = [dp.init(params)]
+        start = time.perf_counter()
+        dp.step.lower(holder[0], batch).compile()
+        compile_s = time.perf_counter() - start
+
+        def step(holder=holder, dp=dp, batch=batch):
+            holder[0], losses = dp.step(holder[0], batch)
+            return losses
+
+        seconds = timing.median_seconds({"step": step}, repeats=steps, warmup=1)["step"]
+        rows.append(
+            {
+                "workers": w,
+                "compile_s": compile_s,
+                "step_ms": 1e3 * seconds,
+                "us_per_worker": 1e6 * seconds / w,
+            }
+        )
+        print(rows[-1], flush=True)
+    print(f"MLP {sizes} ({mlp.num_params(params)} params), uniform(16), defaults, one device")
+    timing.print_table(rows)
+    print(f"results: {timing.save('throughput_sweep', {'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def bytes_accessed(step: Callable, *args) -> float:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(tabulate(rows, headers="keys", floatfmt=".4g", disable_numparse=True))
+    print(tabulate(rows, headers="keys", floatfmt=".4g"))
 
 
 def save(name: str, payload: dict) -> pathlib.Path:

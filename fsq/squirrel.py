@@ -187,8 +187,19 @@ def flying_squirrel(
         )
     if worker_momentum is not None:
         _checks.probability_like("worker_momentum", worker_momentum)
+    shares = None
+    if load_balance:
+        if not isinstance(model, delays.Speeds):
+            raise ValueError(
+                "load_balance=True needs per-worker speeds: delay=fsq.delays.speeds(...), "
+                f"got {type(model).__name__}"
+            )
+        shares = np.asarray(model.shares(), np.float32)
+        model = model.balanced()
     rule = _staleness.resolve(staleness, model)
     config = _compensation.resolve(compensation)
+    if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
+        config = None
     robust = _aggregation.resolve(aggregation)
 
     send = []
@@ -207,17 +218,8 @@ def flying_squirrel(
         send.append(transforms.compress(compression))
     if rule is not None:
         send.append(transforms.scale_by_staleness(rule))
-    if load_balance:
-        if not isinstance(model, delays.Speeds):
-            raise ValueError(
-                "load_balance=True needs per-worker speeds: delay=fsq.delays.speeds(...), "
-                f"got {type(model).__name__}"
-            )
-        shares = np.asarray(model.shares(), np.float32)
+    if shares is not None:
         send.append(transforms.scale_by_worker(shares * np.float32(len(shares))))
-        model = model.balanced()
-    if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
-        config = None
     if config is not None:
         send.append(transforms.compensation_channels())
 

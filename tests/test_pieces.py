@@ -177,17 +177,36 @@ def test_gaussian_noise_is_drawn_from_the_workers_key():
     assert not np.allclose(other.gradient["a"], m.gradient["a"])
 
 
-def test_compensation_channels_and_their_overflow():
+def test_compensation_channels():
     dc = T.compensation_channels()
     g, w = np.array([2.0, -3.0], np.float32), np.array([0.5, 4.0], np.float32)
     m, _ = dc.update(message(jnp.asarray(g)), (), jnp.asarray(w), None)
     np.testing.assert_allclose(m.channels[1], g * g)
     np.testing.assert_allclose(m.channels[2], g * g * w)
     assert status_of(m) == Status.SENT and dc.channels == 3
-    big, _ = dc.update(message(jnp.array([2e19, 0.0])), (), jnp.asarray(w), None)
-    assert status_of(big) == Status.REJECTED  # g * g overflows float32
     with pytest.raises(ValueError, match="needs the current params"):
         dc.update(message(jnp.asarray(g)), (), None, None)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_an_overflowed_correction_falls_back_to_the_gradient(adaptive):
+    """The channels of g = 2e19 overflow float32: that coordinate is applied uncorrected,
+    the others corrected, and DC-ASGD-a's mean square keeps its last finite value."""
+    config = fsq.compensation.adaptive(1.0) if adaptive else fsq.compensation.constant(1.0)
+    dc, combine = T.compensation_channels(), T.compensate(config)
+    w_sent, w_now = jnp.array([1.0, 1.0]), jnp.array([0.5, 0.5])
+    m, _ = dc.update(message(jnp.array([2e19, 2.0])), (), w_sent, None)
+    assert not np.isfinite(np.asarray(m.channels[1])[0])
+    totals = T.Totals(*[jnp.float32(1)] * 6)
+    layout = T.Layout(num_workers=1, num_channels=3, max_delay=1)
+    state = combine.init(w_now, layout)
+    out, state = combine.update(T.Arrival(m.channels, totals), state, w_now, None)
+    total = np.asarray(out.channels[0])
+    assert total[0] == np.float32(2e19)  # the gradient, uncorrected
+    lam = 1.0 / np.sqrt(0.05 * 4.0 + 1e-7) if adaptive else 1.0
+    np.testing.assert_allclose(total[1], 2.0 + lam * 4.0 * (0.5 - 1.0), rtol=1e-6)
+    if adaptive:
+        np.testing.assert_allclose(state.mean_square, [0.0, 0.05 * 4.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

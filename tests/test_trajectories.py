@@ -32,6 +32,10 @@ EMA = (
     "worker momentum is optax.ema, (1 - b) g + b m, whose multiply-adds XLA contracts "
     "differently than b m + (1 - b) g"
 )
+OVERFLOW_GUARD = (
+    "delay compensation selects the uncorrected gradient where the correction overflows, "
+    "which changes how XLA fuses (and contracts the multiply-adds of) the combination"
+)
 ROUNDED: dict[str, tuple[str, ...]] = {
     "sync-defaults-adam": (LOCAL_SUM,),
     "uniform-defaults-momentum": (SEGMENT_SUM,),
@@ -47,6 +51,7 @@ ROUNDED: dict[str, tuple[str, ...]] = {
     "centered-clip-shard-map": (ROBUST_IN_BRANCH,),
     "geometric-delay-adaptive": (PER_PART,),
     "shard-map-defaults": (PER_PART,),
+    "pmap-dc-c": (OVERFLOW_GUARD,),
 }
 
 

@@ -10,9 +10,12 @@ and at delivery, with :math:`\sum` over the messages due at :math:`t`,
 
 .. math:: \sum \tilde g = \textstyle\sum c_1 + \lambda_t \big(\sum c_2 \odot w_t - \sum c_3\big).
 
-A message whose channels overflow (:math:`|g|` beyond the square root of the dtype's
-largest value) is rejected like a non-finite gradient, so an overflow never reaches the
-parameters.
+Where the channels of a finite gradient overflow (:math:`|g|` near the square root of the
+largest float), the correction is dropped for those coordinates: the combination falls
+back to :math:`\sum c_1` there, and the mean square of DC-ASGD-a keeps its last finite
+value, so an overflow never reaches the parameters. Both are selects, fused into the
+combination (a test per message would cost a pass over every gradient). Non-finite
+gradients are rejected before (:func:`fsq.transforms.reject_non_finite`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from fsq.compensation import DelayCompensation
-from fsq.transforms.message import (
-    DeliverTransformation,
-    SendTransformation,
-    Status,
-    accumulation_dtype,
-)
-from fsq.transforms.rejection import all_finite
+from fsq.transforms.message import DeliverTransformation, SendTransformation, accumulation_dtype
 
 NUM_CHANNELS = 3
 
@@ -63,9 +60,7 @@ def compensation_channels() -> SendTransformation:
         dtype = accumulation_dtype(params)
         square = jax.tree.map(lambda g: g.astype(dtype) * g.astype(dtype), gradient)
         at_send = jax.tree.map(lambda s, w: s * w, square, params)
-        # g*g*w is not finite if g is not, or if a square or its product overflows.
-        message = message._replace(channels=(gradient, square, at_send))
-        return message.mark(Status.REJECTED, ~all_finite(at_send)), state
+        return message._replace(channels=(gradient, square, at_send)), state
 
     return SendTransformation(lambda params: optax.EmptyState(), update, channels=NUM_CHANNELS)
 
@@ -108,29 +103,24 @@ def compensate(config: DelayCompensation) -> DeliverTransformation:
         first, square, at_send = arrival.channels
         weight = arrival.totals.weight
         if config.adaptive:
-            mean_square = jax.tree.map(
-                lambda nu, c2: jnp.where(
-                    weight > 0,
-                    config.decay * nu + (1 - config.decay) * c2 / jnp.maximum(weight, 1e-30),
-                    nu,
-                ),
-                state.mean_square,
-                square,
-            )
+
+            def average(nu, c2):
+                new = config.decay * nu + (1 - config.decay) * c2 / jnp.maximum(weight, 1e-30)
+                return jnp.where((weight > 0) & jnp.isfinite(new), new, nu)
+
+            mean_square = jax.tree.map(average, state.mean_square, square)
             strength = jax.tree.map(
                 lambda nu: config.strength / jnp.sqrt(nu + config.eps), mean_square
             )
             state = CompensationState(mean_square)
         else:
             strength = jax.tree.map(lambda _: config.strength, first)
-        total = jax.tree.map(
-            lambda c1, lam, c2, w, c3: c1 + lam * (c2 * w - c3),
-            first,
-            strength,
-            square,
-            params,
-            at_send,
-        )
+
+        def corrected(c1, lam, c2, w, c3):
+            total = c1 + lam * (c2 * w - c3)
+            return jnp.where(jnp.isfinite(total), total, c1)  # an overflowed correction
+
+        total = jax.tree.map(corrected, first, strength, square, params, at_send)
         return arrival._replace(channels=(total,)), state
 
     return DeliverTransformation(init, update, channels=1)

@@ -15,10 +15,11 @@ The pipeline (:func:`fsq.asynchronous`) has three stages, each with its own kind
 A message's status says what becomes of it; it is a partition of the :math:`W` gradients
 of a step: each is exactly one of *sent* (delivered), *held* (delivered, late by the
 staleness bound), *dropped* (by the staleness bound), *rejected* (not finite) or *lost*
-(its worker was down). A piece only ever moves a message from *sent* to another status,
-so the first piece that decides a message's fate wins, and the pieces' order in the
-pipeline is their priority. A piece's own state advances only for a message that is
-still sent when it sees it (a worker that computed nothing usable learns nothing).
+(its worker was down). A message's fate is the gravest any piece gives it, in that
+order (lost, rejected, dropped, held, sent), whatever the order of the pieces: a down
+worker's NaN gradient is lost, a late NaN gradient rejected. A piece's own state advances
+only for a message that is still sent when it sees it (a worker that computed nothing
+usable learns nothing), so rejection comes before the pieces with state.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fsq import _random
 
 
 class Status(enum.IntEnum):
-    """The fate of a message (an int32 in :attr:`Message.status`)."""
+    """The fate of a message (an int32 in :attr:`Message.status`), graver the larger."""
 
     SENT = 0
     HELD = 1  # sent, and held back by the staleness bound (on_stale="wait")
@@ -105,9 +106,9 @@ class Message(NamedTuple):
         return self._replace(channels=(gradient, *self.channels[1:]))
 
     def mark(self, status: Status, where: jax.Array) -> Message:
-        """The message marked ``status`` where ``where`` holds, if it is still sent."""
-        moved = jnp.asarray(where) & (self.status == Status.SENT)
-        return self._replace(status=jnp.where(moved, jnp.int32(status), self.status))
+        """The message marked ``status`` where ``where`` holds, unless its fate is graver."""
+        graver = jnp.maximum(self.status, jnp.int32(status))
+        return self._replace(status=jnp.where(where, graver, self.status))
 
 
 def new_message(gradient: optax.Updates, delay: jax.Array, dtype: jnp.dtype) -> Message:
