@@ -50,8 +50,8 @@ dropping out ages out. This memory of each worker's latest update is MIFA's (Gu 
 *Fast Federated Learning in the Presence of Arbitrary Device Unavailability*, NeurIPS
 2021), used here as the voting population. Without delays every vote is fresh at every
 step and the memory changes nothing. (Holding a step's messages until all have arrived,
-so that its votes are complete, was measured too: it made every message as late as the
-step's slowest, and lost 10-20 points of accuracy.)
+so that its votes are complete, would make every message as late as the step's slowest;
+the faults study measured that it costs accuracy.)
 
 The reduced vote :math:`c` stands for every gradient delivered at the step: the aggregate
 passed on is :math:`c \sum_{i,s} \alpha_{i,s}`, and a step with nothing delivered

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import optax
 
 from fsq import _axes, _checks
-from fsq.compression import dense_bytes
 from fsq.placement import PerWorker
 from fsq.transforms import line as _line
+from fsq.transforms import pipeline as _pipeline
 from fsq.transforms import ring, wire
 from fsq.transforms.message import (
     Context,
@@ -36,9 +36,7 @@ from fsq.transforms.message import (
     SendTransformation,
     accumulation_dtype,
     new_message,
-    on_gradient,
 )
-from fsq.transforms.normalise import normalise
 
 
 class FlyingSquirrelState(NamedTuple):
@@ -82,10 +80,6 @@ class FlyingSquirrelState(NamedTuple):
     bytes_sent: jax.Array
 
 
-def _as_send(piece: Any) -> SendTransformation:
-    return piece if isinstance(piece, SendTransformation) else on_gradient(piece)
-
-
 def _check_updates(updates: optax.Updates, params: optax.Params | None) -> None:
     if params is not None:
         got, want = jax.tree.structure(updates), jax.tree.structure(params)
@@ -100,6 +94,15 @@ def _check_updates(updates: optax.Updates, params: optax.Params | None) -> None:
                 f"is {jnp.result_type(x)}: leave integer parameters out of the optimizer "
                 "(e.g. with optax.masked or a separate state)"
             )
+
+
+def _run(pieces, value, states, params, context):
+    """``value`` through ``pieces`` in order (either side's); returns it and their states."""
+    new_states = []
+    for piece, state in zip(pieces, states, strict=True):
+        value, state = piece.update(value, state, params, context)
+        new_states.append(state)
+    return value, tuple(new_states)
 
 
 def asynchronous(
@@ -179,46 +182,9 @@ def asynchronous(
     if not isinstance(seed, jax.core.Tracer):
         seed = _checks.integer("seed", seed, low=0)
     line = _line.delay_line(0) if line is None else line
-    if not isinstance(line, _line.DelayLine):
-        raise TypeError(f"line must be a fsq.transforms.delay_line(...), got {line!r}")
-    model = line.model
-    if model.num_workers is not None and model.num_workers != num_workers:
-        raise ValueError(
-            f"delay model is defined for {model.num_workers} workers but num_workers={num_workers}"
-        )
-    # Delivery counts and delay sums travel as floats; keep them exact in float32.
-    if num_workers * (model.max_delay + 1) > 2**24:
-        raise ValueError(
-            f"num_workers * (max_delay + 1) must be at most 2**24, got {num_workers} * "
-            f"{model.max_delay + 1}"
-        )
-    send = tuple(_as_send(piece) for piece in send)
-    span, num_channels, wire_bytes = (model.min_delay, model.max_delay), 1, None
-    for piece in send:
-        span = piece.delays(span) if piece.delays else span
-        num_channels = piece.channels or num_channels
-        wire_bytes = piece.wire_bytes or wire_bytes
-    deliver = tuple(deliver)
-    for piece in deliver:
-        if not isinstance(piece, DeliverTransformation):
-            raise TypeError(
-                f"deliver pieces must be fsq.transforms.DeliverTransformation, got {piece!r}"
-            )
-    if not deliver or not deliver[-1].normalises:
-        deliver += (normalise("workers"),)
-    arriving = num_channels
-    for piece in deliver:
-        if piece.normalises and arriving != 1:
-            raise ValueError(
-                f"the messages carry {arriving} channels, but normalise needs one: add "
-                "fsq.transforms.compensate(...) to deliver (delay compensation's channels)"
-            )
-        arriving = piece.channels or arriving
-    if sum(piece.normalises for piece in deliver) != 1:
-        raise ValueError("deliver must end with its one normalise(...) piece")
-    apart = any(piece.workers_apart for piece in deliver)
-    if apart and line.exchange == "sparse":
-        raise ValueError('exchange="sparse" works with the mean aggregation only')
+    pipeline = _pipeline.pipeline(num_workers, send, line, deliver)
+    send, deliver, span = pipeline.send, pipeline.deliver, pipeline.span
+    num_channels, apart = pipeline.num_channels, pipeline.apart
     layout = Layout(num_workers, num_channels, span[1])
     inner = optax.with_extra_args_support(inner)
 
@@ -231,7 +197,7 @@ def asynchronous(
         axes = _axes.resolve(names, num_workers) if apart else None
         dtype = accumulation_dtype(params)
         sizes = [x.size for x in jax.tree.leaves(params)]
-        bytes_sent = (wire_bytes or dense_bytes)(sizes, num_channels)
+        bytes_sent = pipeline.wire_bytes(sizes, num_channels)
         zero = jnp.zeros([], jnp.int32)
         return FlyingSquirrelState(
             step=zero,
@@ -266,27 +232,21 @@ def asynchronous(
             )
         context = Context(state.step, _axes.worker_index(axes.names), num_workers, seed, span[1])
         message = new_message(updates, line.delay(context), state.in_flight.slots.dtype)
-        worker_states = []
-        for piece, piece_state in zip(send, state.worker_states.value, strict=True):
-            message, piece_state = piece.update(message, piece_state, params, context)
-            worker_states.append(piece_state)
+        message, worker_states = _run(send, message, state.worker_states.value, params, context)
         due, in_flight = line.send(message, state.in_flight, state.step, axes, apart)
         totals = _line.totals(due, num_workers, apart)
         delivered = jnp.round(totals.count).astype(jnp.int32)
 
         def step_inner(_):
             arrival = _line.arrival(due, updates, num_channels, totals, num_workers, apart)
-            states = []
-            for piece, piece_state in zip(deliver, state.delivery_states, strict=True):
-                arrival, piece_state = piece.update(arrival, piece_state, params, context)
-                states.append(piece_state)
+            arrival, states = _run(deliver, arrival, state.delivery_states, params, context)
             (mean,) = arrival.channels
             mean = jax.tree.map(lambda s, g: s.astype(g.dtype), mean, updates)
             new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
             if arrival.step_scale is not None:
                 scale = arrival.step_scale
                 new_updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), new_updates)
-            return new_updates, inner_state, tuple(states)
+            return new_updates, inner_state, states
 
         def skip(_):
             return optax.tree.zeros_like(updates), state.inner_state, state.delivery_states
@@ -296,7 +256,7 @@ def asynchronous(
         )
         return new_updates, FlyingSquirrelState(
             step=state.step + 1,
-            worker_states=PerWorker(tuple(worker_states)),
+            worker_states=PerWorker(worker_states),
             in_flight=in_flight,
             delivery_states=delivery_states,
             inner_state=inner_state,

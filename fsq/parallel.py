@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,10 +52,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fsq import _checks
-from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
+from fsq._layout import (
+    DEVICE_AXIS,
+    batch_placer,
+    device_map,
+    make_mesh,
+    per_device,
+    worker_ids,
+)
+from fsq._local import WORKER_AXIS, map_placed, vmap_workers
 
-DEVICE_AXIS = "devices"
-WORKER_AXIS = "workers"
 AXIS_NAME = (DEVICE_AXIS, WORKER_AXIS)
 BACKENDS = ("vmap", "shard_map", "pmap")
 
@@ -99,138 +104,6 @@ class DataParallel(NamedTuple):
     backend: str
     local_workers: tuple[int, ...]
     put_batch: Callable[[Any], Any]
-
-
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first ``num_devices`` global devices (all by default).
-
-    After ``jax.distributed.initialize`` the global devices span every process, so the
-    same call builds the mesh of a multi-host job (e.g. a TPU pod).
-
-    Args:
-      num_devices: how many devices, in ``[1, jax.device_count()]``; ``None`` for all.
-    """
-    devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
-    n = _checks.integer("num_devices", n, low=1, high=len(devices))
-    return jax.make_mesh(
-        (n,), (DEVICE_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
-    )
-
-
-def _by_placement(state: Any, per_device: Any, per_worker: Any, replicated: Any) -> Any:
-    """A prefix of ``state``: the value for each declared part's placement, else
-    ``replicated`` for each leaf."""
-    value = {PER_DEVICE: per_device, PER_WORKER: per_worker}
-    return jax.tree.map(
-        lambda x: value.get(placement_of(x), replicated), state, is_leaf=is_declared
-    )
-
-
-def _map_placed(state: Any, spread: Callable, replicated: Callable) -> Any:
-    """Applies ``spread`` to the leaves of per-device and per-worker parts (stored along
-    axis 0 across devices), ``replicated`` to the rest."""
-    return jax.tree.map(
-        lambda x: jax.tree.map(spread, x) if is_declared(x) else replicated(x),
-        state,
-        is_leaf=is_declared,
-    )
-
-
-def _worker_axes(state: Any) -> Any:
-    """The ``vmap`` axes of ``state`` over the workers of a device: 0 for per-worker parts."""
-    return _by_placement(state, None, 0, None)
-
-
-def vmap_workers(
-    tx: optax.GradientTransformation, *, num_workers: int, axis_name: str = WORKER_AXIS
-) -> optax.GradientTransformationExtraArgs:
-    """``tx`` for ``num_workers`` workers on one device, as one transformation of their
-    stacked gradients: the ``jax.vmap`` over the workers with the right axes for each part
-    of the state, so that nobody writes them by hand.
-
-    ``init(params)`` returns the workers' state (per-worker parts stacked ``[W, ...]``,
-    the rest once); ``update(grads, state, params)``, with ``grads`` leaves ``[W, ...]``,
-    returns the update (the same for every worker, once) and the new state. ``tx`` is
-    called per worker under the axis ``axis_name`` (a Flying Squirrel transform built with
-    the same ``axis_name`` and ``num_workers``).
-
-    Example:
-      >>> import jax.numpy as jnp, fsq
-      >>> tx = fsq.flying_squirrel(fsq.sgd(1.0), num_workers=2, worker_momentum=0.5)
-      >>> w = fsq.parallel.vmap_workers(tx, num_workers=2)
-      >>> state = w.init(jnp.zeros(1))
-      >>> updates, state = w.update(jnp.array([[2.0], [4.0]]), state, jnp.zeros(1))
-      >>> print(updates)  # the mean of the workers' momenta 1 and 2
-      [-1.5]
-    """
-    num_workers = _checks.integer("num_workers", num_workers, low=1)
-    workers = {"axis_name": axis_name}
-
-    def init_fn(params):
-        init = functools.partial(jax.vmap, tx.init, in_axes=None, axis_size=num_workers, **workers)
-        axes = _worker_axes(jax.eval_shape(init(out_axes=0), params))
-        return init(out_axes=axes)(params)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        axes = _worker_axes(state)
-
-        def update(grads, state):
-            return tx.update(grads, state, params, **extra_args)
-
-        try:
-            return jax.vmap(update, in_axes=(0, axes), out_axes=(None, axes), **workers)(
-                updates, state
-            )
-        except ValueError as e:
-            if "out_axes" not in str(e):
-                raise
-            raise ValueError(
-                "the optimizer's update or state differs between the workers of a device "
-                "where it must be the same on every worker: state that is each worker's own "
-                "must declare it (fsq.placement.PerWorker). optax.MultiSteps, for one, "
-                "accumulates each worker's gradients in undeclared state: to step on the "
-                "mean of several calls, accumulate in the inner optimizer instead "
-                f"(fsq.accumulate(inner, k)) or feed larger batches ({e})"
-            ) from None
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def worker_ids(num_local: int) -> jax.Array:
-    """The global ids of the ``num_local`` workers of this device (``[num_local]`` int32),
-    inside a function mapped over the devices (:func:`per_device`, or the step of
-    :func:`data_parallel`): device ``d`` holds workers ``d * num_local .. (d + 1) *
-    num_local - 1``, the order of :data:`AXIS_NAME`'s mixed-radix worker index."""
-    device = jax.lax.axis_index(DEVICE_AXIS)
-    return (device * num_local + jnp.arange(num_local)).astype(jnp.int32)
-
-
-def per_device(fn: Callable[..., Any], *, mesh: jax.sharding.Mesh) -> Callable[..., Any]:
-    """``fn`` run once per device of ``mesh``, under the device axis of :data:`AXIS_NAME`:
-    every argument is given whole to every device, and every output comes back stacked
-    over the devices (a leading axis of ``D``).
-
-    For programs that keep a whole simulation on the devices (a ``scan`` over steps of
-    :func:`vmap_workers` updates, as the studies of ``experiments/`` run), where no state
-    crosses between devices but through the transform's own collectives.
-
-    Example:
-      >>> import jax.numpy as jnp, fsq
-      >>> mesh = fsq.parallel.make_mesh(2)
-      >>> fsq.parallel.per_device(lambda x: x + fsq.parallel.worker_ids(3), mesh=mesh)(
-      ...     jnp.zeros(3)).tolist()
-      [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
-    """
-    if mesh.axis_names != (DEVICE_AXIS,):
-        raise ValueError(f"mesh must have the single axis {DEVICE_AXIS!r} (use make_mesh)")
-
-    def stacked(*args):
-        return jax.tree.map(lambda x: x[None], fn(*args))
-
-    return jax.shard_map(
-        stacked, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), check_vma=False
-    )
 
 
 def data_parallel(
@@ -289,55 +162,7 @@ def data_parallel(
         updates, opt_state = local.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, losses
 
-    def map_devices(params, opt_state, batch):
-        """Runs ``device_step`` once per device; ``batch`` leaves are ``[W, ...]``."""
-        if backend == "shard_map":  # device blocks are the slices of axis 0: no reshapes
-            spread = P(DEVICE_AXIS)
-            specs = (P(), _by_placement(opt_state, spread, spread, P()), P(DEVICE_AXIS))
-            return jax.shard_map(
-                device_step, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
-            )(params, opt_state, batch)
-        # pmap splits every device's block off; the vmap of one device keeps what all its
-        # workers share unbatched (a batched in-flight buffer would turn the inner step's
-        # cond into a select), and only splits what each worker holds its own of.
-        spread = 0 if backend == "pmap" else None
-        state_axes = _by_placement(opt_state, spread, 0, None)
-        in_axes = (None, state_axes, 0 if backend == "pmap" else None)
-
-        def split(x):
-            return x.reshape((num_devices, -1) + x.shape[1:])
-
-        def merge(x):
-            return x.reshape((-1,) + x.shape[2:])
-
-        split_off = (PER_DEVICE, PER_WORKER) if backend == "pmap" else (PER_WORKER,)
-
-        def each(f, state):
-            return jax.tree.map(
-                lambda x: jax.tree.map(f, x) if placement_of(x) in split_off else x,
-                state,
-                is_leaf=is_declared,
-            )
-
-        if backend == "pmap":
-            mapped = jax.pmap(
-                device_step,
-                axis_name=DEVICE_AXIS,
-                in_axes=in_axes,
-                out_axes=(None, state_axes, 0),
-                devices=list(mesh.devices.flat),
-            )
-            batch = jax.tree.map(split, batch)
-        else:
-            mapped = jax.vmap(
-                device_step,
-                in_axes=in_axes,
-                out_axes=(None, state_axes, None),
-                axis_size=1,
-                axis_name=DEVICE_AXIS,
-            )
-        params, opt_state, losses = mapped(params, each(split, opt_state), batch)
-        return params, each(merge, opt_state), merge(losses) if backend == "pmap" else losses
+    map_devices = device_map(device_step, backend, mesh)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
         for x in jax.tree.leaves(batch):
@@ -351,33 +176,21 @@ def data_parallel(
         opt_state = jax.lax.with_sharding_constraint(opt_state, shardings(opt_state))
         return TrainState(params, opt_state), losses
 
-    def device_init(params):
-        """The state of one device's workers, each leaf with a leading device axis of 1."""
-        return jax.tree.map(lambda x: x[None], local.init(params))
-
     def init_blocks(params):
         """Runs ``tx.init`` in the mapped context of the step, stacking the devices' states."""
-        if backend == "vmap":
-            stacked = jax.vmap(device_init, in_axes=None, axis_size=1, axis_name=DEVICE_AXIS)(
-                params
-            )
-            return jax.tree.map(lambda x: x[0], stacked)
-        if backend == "shard_map":
-            return jax.shard_map(
-                device_init, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), check_vma=False
-            )(params)
-        stacked = jax.pmap(  # pmap needs a mapped argument: the device ids
-            lambda _, params: device_init(params),
+        if backend != "pmap":
+            return per_device(local.init, mesh=mesh)(params)
+        return jax.pmap(  # pmap needs a mapped argument: the device ids
+            lambda _, params: local.init(params),
             axis_name=DEVICE_AXIS,
             in_axes=(0, None),
             devices=list(mesh.devices.flat),
         )(jnp.arange(num_devices), params)
-        return jax.tree.map(lambda x: x[:, 0], stacked)
 
     def init_state(params):
         # Per-device and per-worker parts keep every device's block (concatenated on axis
         # 0); the rest is identical on all devices, so device 0's copy is kept.
-        opt_state = _map_placed(
+        opt_state = map_placed(
             init_blocks(params), lambda x: x.reshape((-1,) + x.shape[2:]), lambda x: x[0]
         )
         # A copy: the step donates its state, which must not delete the caller's arrays.
@@ -391,37 +204,14 @@ def data_parallel(
         def spread(x):
             return split if num_devices > 1 and np.size(x) else whole
 
-        return _map_placed(opt_state, spread, lambda _: whole)
+        return map_placed(opt_state, spread, lambda _: whole)
 
     def init(params: optax.Params) -> TrainState:
         shapes = jax.eval_shape(init_state, params)
         out = TrainState(jax.tree.map(lambda _: whole, shapes.params), shardings(shapes.opt_state))
         return jax.jit(init_state, out_shardings=out)(params)
 
-    local_workers = tuple(
-        device * workers_per_device + i
-        for device, d in enumerate(mesh.devices.flat)
-        if d.process_index == jax.process_index()
-        for i in range(workers_per_device)
-    )
-    row_of = {worker: row for row, worker in enumerate(local_workers)}
-    batch_sharding = NamedSharding(mesh, P(DEVICE_AXIS))
-
-    def put_batch(local_batch: Any) -> Any:
-        def put(x):
-            x = np.asarray(x)
-            if x.shape[:1] != (len(local_workers),):
-                raise ValueError(
-                    f"local batch leaves must have a leading axis of {len(local_workers)} "
-                    f"(this process's workers), got shape {x.shape}"
-                )
-            return jax.make_array_from_callback(
-                (num_workers, *x.shape[1:]),
-                batch_sharding,
-                lambda index: x[[row_of[w] for w in range(num_workers)[index[0]]]],
-            )
-
-        return jax.tree.map(put, local_batch)
+    local_workers, put_batch = batch_placer(mesh, num_workers)
 
     return DataParallel(
         init,

@@ -75,3 +75,13 @@ def test_api_reference_documents_every_public_name(built_docs):
     assert not missing, f"missing from docs/api.rst: {missing}"
     # Guard against a vacuous pass: the catalogue, a delay model, a staleness rule.
     assert {"fsq.adam", "fsq.delays.uniform", "fsq.staleness.weighted_step"} <= documented
+
+
+@pytest.mark.parametrize("page", ["concepts.md", "assemble.md"])
+def test_the_code_of_a_page_runs(page):
+    """The pages that show assemblies run their code blocks, in order, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.DOTALL)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(DOCS / page), "exec"), namespace)

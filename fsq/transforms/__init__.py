@@ -6,7 +6,7 @@ Worker side (:class:`SendTransformation`, per worker, own state):
 :func:`scale_by_worker`, :func:`gaussian_noise`, :func:`compensation_channels`, and any
 optax transformation (:func:`on_gradient`).
 
-The delay line: :func:`delay_line` (:class:`DelayLine`, :class:`InFlight`).
+The delay line: :func:`delay_line` (:class:`DelayLine`; its state is :class:`fsq.InFlight`).
 
 Delivery side (:class:`DeliverTransformation`, identical on every worker):
 :func:`robust`, :func:`compensate`, :func:`normalise`.
@@ -42,7 +42,6 @@ from fsq.transforms.momentum import worker_momentum
 from fsq.transforms.noise import gaussian_noise
 from fsq.transforms.normalise import normalise
 from fsq.transforms.rejection import all_finite, reject_non_finite
-from fsq.transforms.ring import InFlight
 from fsq.transforms.robust import Votes, robust
 from fsq.transforms.weighting import scale_by_staleness, scale_by_worker
 
@@ -53,7 +52,6 @@ __all__ = [
     "DelayLine",
     "DeliverTransformation",
     "ErrorFeedbackState",
-    "InFlight",
     "Layout",
     "Message",
     "SendTransformation",

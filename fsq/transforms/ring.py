@@ -68,9 +68,9 @@ from fsq.placement import PER_DEVICE
 # written by row updates; beyond, by a segment sum.
 UNROLLED_WORKERS = 32
 # Up to this many row updates per step, each part of each worker's message (a leaf of a
-# channel, the totals) is added where it is computed and the message is never built (on
-# CPU, 2x faster for 8 workers of a 1.3M-parameter model with delay compensation);
-# beyond, the many small updates cost more than building the messages first.
+# channel, the totals) is added where it is computed and the message is never built (a
+# pass less over the messages); beyond, the many small updates cost more than building
+# the messages first (docs/performance.md).
 UNROLLED_PARTS = 256
 
 

@@ -1,0 +1,166 @@
+"""Devices: the mesh, the device axis, and how a per-device step is mapped over them.
+
+:mod:`fsq.parallel` builds its layouts on these and exports the public ones
+(:func:`make_mesh`, :func:`per_device`, :func:`worker_ids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fsq import _checks
+from fsq._local import by_placement
+from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
+
+DEVICE_AXIS = "devices"
+
+
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh over the first ``num_devices`` global devices (all by default).
+
+    After ``jax.distributed.initialize`` the global devices span every process, so the
+    same call builds the mesh of a multi-host job (e.g. a TPU pod).
+
+    Args:
+      num_devices: how many devices, in ``[1, jax.device_count()]``; ``None`` for all.
+    """
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    n = _checks.integer("num_devices", n, low=1, high=len(devices))
+    return jax.make_mesh(
+        (n,), (DEVICE_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
+    )
+
+
+def worker_ids(num_local: int) -> jax.Array:
+    """The global ids of the ``num_local`` workers of this device (``[num_local]`` int32),
+    inside a function mapped over the devices (:func:`per_device`, or the step of
+    :func:`data_parallel`): device ``d`` holds workers ``d * num_local .. (d + 1) *
+    num_local - 1``, the order of :data:`AXIS_NAME`'s mixed-radix worker index."""
+    device = jax.lax.axis_index(DEVICE_AXIS)
+    return (device * num_local + jnp.arange(num_local)).astype(jnp.int32)
+
+
+def per_device(fn: Callable[..., Any], *, mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+    """``fn`` run once per device of ``mesh``, under the device axis of :data:`AXIS_NAME`:
+    every argument is given whole to every device, and every output comes back stacked
+    over the devices (a leading axis of ``D``).
+
+    For programs that keep a whole simulation on the devices (a ``scan`` over steps of
+    :func:`vmap_workers` updates, as the studies of ``experiments/`` run), where no state
+    crosses between devices but through the transform's own collectives.
+
+    Example:
+      >>> import jax.numpy as jnp, fsq
+      >>> mesh = fsq.parallel.make_mesh(2)
+      >>> fsq.parallel.per_device(lambda x: x + fsq.parallel.worker_ids(3), mesh=mesh)(
+      ...     jnp.zeros(3)).tolist()
+      [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    """
+    if mesh.axis_names != (DEVICE_AXIS,):
+        raise ValueError(f"mesh must have the single axis {DEVICE_AXIS!r} (use make_mesh)")
+
+    def stacked(*args):
+        return jax.tree.map(lambda x: x[None], fn(*args))
+
+    return jax.shard_map(
+        stacked, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), check_vma=False
+    )
+
+
+def device_map(device_step: Callable, backend: str, mesh: jax.sharding.Mesh) -> Callable:
+    """``device_step(params, opt_state, batch)`` run once per device of ``mesh``;
+    ``batch`` leaves are ``[W, ...]``, each part of the state is laid out by its placement."""
+    num_devices = mesh.devices.size
+
+    def map_devices(params, opt_state, batch):
+        if backend == "shard_map":  # device blocks are the slices of axis 0: no reshapes
+            spread = P(DEVICE_AXIS)
+            specs = (P(), by_placement(opt_state, spread, spread, P()), P(DEVICE_AXIS))
+            return jax.shard_map(
+                device_step, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
+            )(params, opt_state, batch)
+        # pmap splits every device's block off; the vmap of one device keeps what all its
+        # workers share unbatched (a batched in-flight buffer would turn the inner step's
+        # cond into a select), and only splits what each worker holds its own of.
+        spread = 0 if backend == "pmap" else None
+        state_axes = by_placement(opt_state, spread, 0, None)
+        in_axes = (None, state_axes, 0 if backend == "pmap" else None)
+
+        def split(x):
+            return x.reshape((num_devices, -1) + x.shape[1:])
+
+        def merge(x):
+            return x.reshape((-1,) + x.shape[2:])
+
+        split_off = (PER_DEVICE, PER_WORKER) if backend == "pmap" else (PER_WORKER,)
+
+        def each(f, state):
+            return jax.tree.map(
+                lambda x: jax.tree.map(f, x) if placement_of(x) in split_off else x,
+                state,
+                is_leaf=is_declared,
+            )
+
+        if backend == "pmap":
+            mapped = jax.pmap(
+                device_step,
+                axis_name=DEVICE_AXIS,
+                in_axes=in_axes,
+                out_axes=(None, state_axes, 0),
+                devices=list(mesh.devices.flat),
+            )
+            batch = jax.tree.map(split, batch)
+        else:
+            mapped = jax.vmap(
+                device_step,
+                in_axes=in_axes,
+                out_axes=(None, state_axes, None),
+                axis_size=1,
+                axis_name=DEVICE_AXIS,
+            )
+        params, opt_state, losses = mapped(params, each(split, opt_state), batch)
+        return params, each(merge, opt_state), merge(losses) if backend == "pmap" else losses
+
+    return map_devices
+
+
+def batch_placer(
+    mesh: jax.sharding.Mesh, num_workers: int
+) -> tuple[tuple[int, ...], Callable[[Any], Any]]:
+    """This process's workers, and the function that builds the global batch from their
+    share (see :attr:`DataParallel.put_batch`)."""
+    workers_per_device = num_workers // mesh.devices.size
+    local_workers = tuple(
+        device * workers_per_device + i
+        for device, d in enumerate(mesh.devices.flat)
+        if d.process_index == jax.process_index()
+        for i in range(workers_per_device)
+    )
+    row_of = {worker: row for row, worker in enumerate(local_workers)}
+    sharding = NamedSharding(mesh, P(DEVICE_AXIS))
+
+    def put_batch(local_batch: Any) -> Any:
+        def put(x):
+            x = np.asarray(x)
+            if x.shape[:1] != (len(local_workers),):
+                raise ValueError(
+                    f"local batch leaves must have a leading axis of {len(local_workers)} "
+                    f"(this process's workers), got shape {x.shape}"
+                )
+            return jax.make_array_from_callback(
+                (num_workers, *x.shape[1:]),
+                sharding,
+                lambda index: x[[row_of[w] for w in range(num_workers)[index[0]]]],
+            )
+
+        return jax.tree.map(put, local_batch)
+
+    return local_workers, put_batch
