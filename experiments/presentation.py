@@ -16,6 +16,11 @@ def markdown(rows: Sequence[dict]) -> str:
     return tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g", disable_numparse=True)
 
 
+def table_block(caption: str, rows: Sequence[dict]) -> list[str]:
+    """The lines of a captioned table in a report section."""
+    return [caption, "", markdown(rows), ""]
+
+
 def metric_name(record: Record) -> str:
     if record.test_accuracy is not None:
         return "test accuracy (%)"

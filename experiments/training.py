@@ -82,6 +82,7 @@ class UniformUpTo(fsq.delays.DelayModel):
     def __call__(self, key, step, worker):
         del step, worker
         logits = jnp.where(jnp.arange(self.max_delay + 1) <= self.bound, 0.0, -jnp.inf)
+        logits = logits.astype(jnp.float32)  # the same draws with x64 enabled
         return jax.random.categorical(key, logits).astype(jnp.int32)
 
 

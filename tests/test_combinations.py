@@ -61,6 +61,13 @@ def library_compressor(operator):
     return apply
 
 
+def expected(**options):
+    """The reference's run of this module's task (crashes and NaN unless told otherwise)."""
+    task = {"num_workers": W, "steps": STEPS, "lr": LR, "dim": DIM, "table": TABLE}
+    events = {"live": LIVE, "poisoned": POISONED}
+    return reference.simulate(grad_np, **{**task, **events, **options})
+
+
 def assert_trajectories(got, want):
     np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-6)
 
@@ -76,15 +83,7 @@ def test_error_feedback_with_crashes_bounds_and_nan(on_stale):
     was; every other one updates it."""
     top = compression.top_k(0.34)
     path, metrics, state = run(faults=CRASHES, max_staleness=1, on_stale=on_stale, compression=top)
-    want, counts, residual, _ = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
-        table=TABLE,
-        live=LIVE,
-        poisoned=POISONED,
+    want, counts, residual, _ = expected(
         bound=1,
         on_stale=on_stale,
         compress=library_compressor(top),
@@ -100,15 +99,7 @@ def test_error_feedback_with_crashes_bounds_and_nan(on_stale):
 def test_worker_momentum_with_crash_and_recovery():
     """A down worker's momentum does not move; it resumes where it stopped."""
     path, metrics, state = run(faults=CRASHES, worker_momentum=0.8)
-    want, counts, _, velocity = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
-        table=TABLE,
-        live=LIVE,
-        poisoned=POISONED,
+    want, counts, _, velocity = expected(
         momentum=0.8,
     )
     assert_trajectories(path, want)
@@ -122,14 +113,8 @@ def test_worker_momentum_with_a_byzantine_worker():
     path, _, _ = run(
         faults=[fsq.faults.byzantine([3], factor=-2.0)], worker_momentum=0.5, max_staleness=2
     )
-    want, *_ = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
-        table=TABLE,
-        poisoned=POISONED,
+    want, *_ = expected(
+        live=None,
         momentum=0.5,
         byzantine={3: -2.0},
         bound=2,
@@ -149,15 +134,7 @@ def test_worker_momentum_with_a_byzantine_worker():
 )
 def test_compensation_channels_are_those_of_the_compressed_gradient(operator):
     path, _, _ = run(compensation=0.5, compression=operator, faults=CRASHES)
-    want, *_ = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
-        table=TABLE,
-        live=LIVE,
-        poisoned=POISONED,
+    want, *_ = expected(
         compress=library_compressor(operator),
         compensation=0.5,
     )
@@ -167,15 +144,7 @@ def test_compensation_channels_are_those_of_the_compressed_gradient(operator):
 def test_staleness_rule_with_faults_and_step_scope():
     rule = fsq.staleness.weighted_step(1.5)
     path, metrics, _ = run(staleness=rule, faults=CRASHES, max_staleness=2, on_stale="wait")
-    want, counts, *_ = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
-        table=TABLE,
-        live=LIVE,
-        poisoned=POISONED,
+    want, counts, *_ = expected(
         bound=2,
         on_stale="wait",
         rule=lambda d: min(1.0, 1.5 / max(1, d)),
@@ -213,12 +182,7 @@ def test_counts_partition_what_was_sent():
             sent_at[t + table[0, i]] += 1
     total = metrics["delivered"] + metrics["rejected"] + metrics["lost"] + metrics["bounded"]
     np.testing.assert_array_equal(total, sent_at[:STEPS])
-    _, counts, *_ = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
+    _, counts, *_ = expected(
         table=table,
         live=live,
         poisoned=poisoned,
@@ -233,15 +197,7 @@ def test_non_finite_gradients_under_the_defaults():
     """With the defaults (weighted step, DC-a) and crashes, the rejected gradients are
     simply absent: the run equals the reference's, where they never reach any sum."""
     path, metrics, _ = run(staleness="weighted_step", compensation="adaptive", faults=CRASHES)
-    want, counts, *_ = reference.simulate(
-        grad_np,
-        num_workers=W,
-        steps=STEPS,
-        lr=LR,
-        dim=DIM,
-        table=TABLE,
-        live=LIVE,
-        poisoned=POISONED,
+    want, counts, *_ = expected(
         rule=lambda d: min(1.0, 3.0 / max(1, d)),
         scope="step",
         compensation=(1.0, 0.95, 1e-7),

@@ -24,13 +24,13 @@ from experiments.presentation import (
     figure,
     final_train_loss,
     image,
-    markdown,
     metric_axis,
     metric_name,
     plotted,
     relative,
     save,
     summary,
+    table_block,
 )
 from experiments.records import Record, best_rate, group
 from experiments.studies import base
@@ -154,13 +154,11 @@ def section(rows: list[Record]) -> list[str]:
             for delay in delays:
                 row[delay] = summary(best[delay]) + relative(best[delay], best[SYNCHRONOUS])
             table.append(row)
-        lines += [
+        lines += table_block(
             f"**{task}** ({first.workers} workers x {batch(first)}, {first.steps} steps, "
             f"{len(group(by_task, 'seed'))} seeds; {metric_name(first)}):",
-            "",
-            markdown(table),
-            "",
-        ]
+            table,
+        )
     return lines
 
 

@@ -19,7 +19,7 @@ import jax
 
 import fsq
 from experiments import mnist1d, records, tasks, training
-from experiments.presentation import batch, markdown, metric_name, percent_of, summary
+from experiments.presentation import batch, metric_name, percent_of, summary, table_block
 from experiments.records import Record, group
 from experiments.studies import base
 
@@ -120,11 +120,9 @@ def section(rows: list[Record]) -> list[str]:
             }
             for m, r in by_method.items()
         ]
-        lines += [
+        lines += table_block(
             f"**{task}, {shards} shards** ({dense[0].workers} workers x {batch(dense[0])}, "
             f"{dense[0].steps} steps, {len(dense)} seeds):",
-            "",
-            markdown(table),
-            "",
-        ]
+            table,
+        )
     return lines

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import fsq
 from experiments import records, tasks, training
-from experiments.presentation import batch, markdown, metric_name, percent_of, summary
+from experiments.presentation import batch, metric_name, percent_of, summary, table_block
 from experiments.records import Record, group
 from experiments.studies import base
 
@@ -156,11 +156,9 @@ def section(rows: list[Record]) -> list[str]:
             {"scenario": m, metric_name(r[0]): summary(r), "of failure-free": percent_of(r, clean)}
             for m, r in by_method.items()
         ]
-        lines += [
+        lines += table_block(
             f"**{task}, delays {delay}** ({clean[0].workers} workers x {batch(clean[0])}, "
             f"{clean[0].steps} steps, {len(clean)} seeds):",
-            "",
-            markdown(table),
-            "",
-        ]
+            table,
+        )
     return lines

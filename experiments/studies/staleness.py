@@ -17,13 +17,13 @@ from experiments.presentation import (
     batch,
     figure,
     image,
-    markdown,
     metric_axis,
     metric_name,
     plotted,
     relative,
     save,
     summary,
+    table_block,
 )
 from experiments.records import Record, best_rate, group
 from experiments.studies import base
@@ -166,13 +166,11 @@ def section(rows: list[Record]) -> list[str]:
             row = {"method": method, SYNCHRONOUS: summary(sync)}
             row |= {d: summary(cells[d]) + relative(cells[d], sync) for d in delays}
             table.append(row)
-        lines += [
+        lines += table_block(
             f"**{task}, {inner} inner** (lr {lr}, {sync[0].workers} workers x {batch(sync[0])}, "
             f"{sync[0].steps} steps, {len(sync)} seeds; {metric_name(sync[0])}):",
-            "",
-            markdown(table),
-            "",
-        ]
+            table,
+        )
     return lines
 
 

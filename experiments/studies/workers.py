@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from experiments import records, tasks, training
-from experiments.presentation import batch, figure, image, markdown, save
+from experiments.presentation import batch, figure, image, save, table_block
 from experiments.records import Record, group
 from experiments.studies import base
 
@@ -137,13 +137,11 @@ def section(rows: list[Record]) -> list[str]:
             for w, (lr, s) in by_w.items()
         ]
         sample = next(r for r in rows if r.task == task)
-        lines += [
+        lines += table_block(
             f"**{task}, {method}** ({batch(sample)} per worker, target test loss "
             f"{sample.target_loss}, {sample.steps} steps):",
-            "",
-            markdown(table),
-            "",
-        ]
+            table,
+        )
     return lines
 
 
