@@ -237,9 +237,22 @@ def asynchronous(
         totals = _line.totals(due, num_workers, apart)
         delivered = jnp.round(totals.count).astype(jnp.int32)
 
-        def step_inner(_):
+        # A piece that merges the workers' sums (a robust rule) runs whatever arrives (it
+        # changes nothing when nothing does): inside the inner step's branch, XLA would copy
+        # its W messages' worth of votes into the conditional.
+        merged = deliver[:1] if apart else ()
+        arrival = None
+        if merged:
             arrival = _line.arrival(due, updates, num_channels, totals, num_workers, apart)
-            arrival, states = _run(deliver, arrival, state.delivery_states, params, context)
+            arrival, merged_states = _run(
+                merged, arrival, state.delivery_states[:1], params, context
+            )
+        rest, rest_states = deliver[len(merged) :], state.delivery_states[len(merged) :]
+
+        def step_inner(arrival):
+            if arrival is None:  # read the due row here, where it is used
+                arrival = _line.arrival(due, updates, num_channels, totals, num_workers, apart)
+            arrival, states = _run(rest, arrival, rest_states, params, context)
             (mean,) = arrival.channels
             mean = jax.tree.map(lambda s, g: s.astype(g.dtype), mean, updates)
             new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
@@ -248,12 +261,15 @@ def asynchronous(
                 new_updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), new_updates)
             return new_updates, inner_state, states
 
-        def skip(_):
-            return optax.tree.zeros_like(updates), state.inner_state, state.delivery_states
+        def skip(arrival):
+            del arrival
+            return optax.tree.zeros_like(updates), state.inner_state, rest_states
 
         new_updates, inner_state, delivery_states = jax.lax.cond(
-            delivered > 0, step_inner, skip, None
+            delivered > 0, step_inner, skip, arrival
         )
+        if merged:
+            delivery_states = merged_states + delivery_states
         return new_updates, FlyingSquirrelState(
             step=state.step + 1,
             worker_states=PerWorker(worker_states),

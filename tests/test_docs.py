@@ -85,3 +85,14 @@ def test_the_code_of_a_page_runs(page):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(DOCS / page), "exec"), namespace)
+
+
+@pytest.mark.parametrize(
+    "name", ["aggregation", "compensation", "compression", "delays", "faults", "staleness"]
+)
+def test_the_modules_the_docstrings_name_import(name):
+    """``import fsq.faults`` works as the docstrings' ``:mod:`fsq.faults``` promises."""
+    import importlib
+
+    module = importlib.import_module(f"fsq.{name}")
+    assert module is getattr(fsq, name) and module.__doc__

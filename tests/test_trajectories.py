@@ -25,9 +25,6 @@ PER_PART = (
     "is computed, without building the message, and XLA contracts its scaling and that "
     "addition into one multiply-add"
 )
-ROBUST_IN_BRANCH = (
-    "the robust rule runs inside the inner step's branch, where XLA fuses it differently"
-)
 EMA = (
     "worker momentum is optax.ema, (1 - b) g + b m, whose multiply-adds XLA contracts "
     "differently than b m + (1 - b) g"
@@ -46,9 +43,8 @@ ROUNDED: dict[str, tuple[str, ...]] = {
     "topk-ef-dense": (SEGMENT_SUM,),
     "sign-defaults": (SEGMENT_SUM,),
     "non-finite-defaults": (SEGMENT_SUM,),
-    "faults-median-momentum": (SEGMENT_SUM, ROBUST_IN_BRANCH, EMA),
-    "trimmed-mean-random-attack": (ROBUST_IN_BRANCH,),
-    "centered-clip-shard-map": (ROBUST_IN_BRANCH,),
+    "faults-median-momentum": (SEGMENT_SUM, EMA),
+    "centered-clip-shard-map": (PER_PART,),  # from step 21: weights 8/7 after the crash
     "geometric-delay-adaptive": (PER_PART,),
     "shard-map-defaults": (PER_PART,),
     "pmap-dc-c": (OVERFLOW_GUARD,),

@@ -191,6 +191,6 @@ def arrival(
     if apart:
         rows = ring.read(here).reshape(num_workers, -1)
         channels, by_worker = wire.unpack_rows(rows, like, num_channels)
-        return Arrival(channels, totals, by_worker)
+        return Arrival(channels, totals, by_worker, rows=rows[:, : -wire.NUM_TOTALS])
     channels = wire.unpack(functools.partial(ring.read, here), like, num_channels)
     return Arrival(channels, totals)

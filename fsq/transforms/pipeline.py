@@ -92,6 +92,8 @@ def pipeline(
     if sum(piece.normalises for piece in deliver) != 1:
         raise ValueError("deliver must end with its one normalise(...) piece")
     apart = any(piece.workers_apart for piece in deliver)
+    if any(piece.workers_apart for piece in deliver[1:]):
+        raise ValueError("a piece that keeps the workers apart (robust) must come first in deliver")
     if apart and line.exchange == "sparse":
         raise ValueError('exchange="sparse" works with the mean aggregation only')
     return Pipeline(send, deliver, span, num_channels, wire_bytes, apart)

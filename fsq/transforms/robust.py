@@ -91,8 +91,10 @@ def robust(rule: Aggregation) -> DeliverTransformation:
 
     def update(arrival, state, params, context):
         del params
-        leaves = [x for channel in arrival.channels for x in jax.tree.leaves(channel)]
-        sums = jnp.concatenate([x.reshape(context.num_workers, -1) for x in leaves], axis=1)
+        sums = arrival.rows
+        if sums is None:  # channels of its own making: flatten them
+            leaves = [x for channel in arrival.channels for x in jax.tree.leaves(channel)]
+            sums = jnp.concatenate([x.reshape(context.num_workers, -1) for x in leaves], axis=1)
         reduced, state = aggregate(
             rule, state, sums, arrival.by_worker.weight, context.step, context.max_delay
         )
@@ -105,6 +107,6 @@ def robust(rule: Aggregation) -> DeliverTransformation:
                 rebuilt.append(reduced[offset : offset + size].reshape(x.shape[1:]))
                 offset += size
             channels.append(jax.tree.unflatten(treedef, rebuilt))
-        return arrival._replace(channels=tuple(channels), by_worker=None), state
+        return arrival._replace(channels=tuple(channels), by_worker=None, rows=None), state
 
     return DeliverTransformation(init, update, workers_apart=True)
