@@ -3,7 +3,7 @@
 For each feature combination: the bytes of optimizer state per device, split into the
 in-flight buffer and the rest, next to the documented formula
 
-    in_flight = (max_delay + 1) * R * ((C * P + 6) * 4 + 1) bytes (0 without delays),
+    in_flight = (max_delay + 1) * R * ((C * P + 7) * 4 + 1) bytes (0 without delays),
     C = 1 (3 with compensation), R = 1 (W / D with a robust aggregation)
 
 (P parameters, C gradient channels, 6 bookkeeping scalars per row, float32: max_delay + 1
@@ -108,7 +108,7 @@ def main() -> None:
             per_device_bytes(state.opt_state),
         )
         slots = max_delay + 1 if max_delay else 0
-        formula = slots * rows_per_slot * ((channels * num_params + 6) * 4 + 1)
+        formula = slots * rows_per_slot * ((channels * num_params + 7) * 4 + 1)
         compiled = dp.step.lower(state, batch).compile()
         memory = compiled.memory_analysis()
         comms = collective_bytes(compiled.as_text())

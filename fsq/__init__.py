@@ -10,6 +10,7 @@ from fsq import (
     parallel,
     placement,
     staleness,
+    timing,
     transforms,
 )
 from fsq.accumulation import AccumulationState, accumulate
@@ -53,5 +54,6 @@ __all__ = [
     "rmsprop",
     "sgd",
     "staleness",
+    "timing",
     "transforms",
 ]

@@ -20,6 +20,7 @@ class Stream(enum.IntEnum):
     FAULT = 1
     COMPRESSION = 2
     NOISE = 3
+    COMPUTE = 4
 
 
 def event_key(seed: int, stream: Stream, step: jax.Array, worker: jax.Array) -> jax.Array:

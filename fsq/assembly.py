@@ -44,8 +44,9 @@ class FlyingSquirrelState(NamedTuple):
 
     Attributes:
       step: the logical clock :math:`t` (int32), identical on all workers.
-      worker_states: the states of the worker-side pieces, in order, each worker's own
-        (:class:`fsq.placement.PerWorker`; e.g. an error-feedback residual).
+      worker_states: the states of the worker-side pieces, in order: each worker's own
+        (:class:`fsq.placement.PerWorker`; e.g. an error-feedback residual), or the same on
+        every worker for a piece whose state is shared (the clock's schedule).
       in_flight: the messages in flight from this device's workers
         (:class:`fsq.transforms.InFlight`, per device).
       delivery_states: the states of the delivery-side pieces, in order, identical on all
@@ -59,16 +60,19 @@ class FlyingSquirrelState(NamedTuple):
         not being finite (int32); they never reach the parameters or any state.
       lost: how many gradients due at the last step were never sent, their worker being
         down (int32).
+      discarded: how many gradients due at the last step a coordination policy discarded
+        (int32; :func:`fsq.transforms.clock`).
       bytes_sent: the bytes a worker's message takes on the wire per step (float32; the
         dense float32 gradient is ``4 P``), whatever the exchange simulates it with.
 
-    Of the :math:`W` gradients sent at a step, each is delivered, rejected, lost or (with
-    ``on_stale="drop"``) bounded, exactly one of them; with ``on_stale="wait"`` the
-    bounded ones are delivered too (counted in both).
+    Of the gradients sent at a step (every worker's, or with a clock the jobs started),
+    each is delivered, rejected, lost, discarded or (with ``on_stale="drop"``) bounded,
+    exactly one of them; with ``on_stale="wait"`` the bounded ones are delivered too
+    (counted in both).
     """
 
     step: jax.Array
-    worker_states: PerWorker
+    worker_states: tuple[optax.OptState, ...]
     in_flight: ring.InFlight
     delivery_states: tuple[optax.OptState, ...]
     inner_state: optax.OptState
@@ -77,6 +81,7 @@ class FlyingSquirrelState(NamedTuple):
     bounded: jax.Array
     rejected: jax.Array
     lost: jax.Array
+    discarded: jax.Array
     bytes_sent: jax.Array
 
 
@@ -183,25 +188,37 @@ def asynchronous(
         seed = _checks.integer("seed", seed, low=0)
     line = _line.delay_line(0) if line is None else line
     pipeline = _pipeline.pipeline(num_workers, send, line, deliver)
-    send, deliver, span = pipeline.send, pipeline.deliver, pipeline.span
+    send, deliver = pipeline.send, pipeline.deliver
     num_channels, apart = pipeline.num_channels, pipeline.apart
-    layout = Layout(num_workers, num_channels, span[1])
     inner = optax.with_extra_args_support(inner)
 
     def segments(axes: _axes.WorkerAxes | None) -> int:
         """Messages side by side in a ring row: one per local worker if kept apart."""
         return _axes.local_count(axes.local) if apart else 1
 
+    def resolved(like: optax.Updates):
+        """The bytes of a message shaped like ``like``, the line's link for that size, and
+        the range of delays (all static)."""
+        num_bytes = pipeline.wire_bytes([x.size for x in jax.tree.leaves(like)], num_channels)
+        link = line.model.for_message(num_bytes)
+        return num_bytes, link, pipeline.span(link)
+
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
         # Kept apart, a row holds the local workers' messages: only then is init mapped.
         axes = _axes.resolve(names, num_workers) if apart else None
         dtype = accumulation_dtype(params)
-        sizes = [x.size for x in jax.tree.leaves(params)]
-        bytes_sent = pipeline.wire_bytes(sizes, num_channels)
+        num_bytes, link, span = resolved(params)
+        context = Context(jnp.int32(0), jnp.int32(0), num_workers, seed, span[1], link)
+
+        def piece_state(piece):
+            state = piece.init(params, context) if piece.needs_context else piece.init(params)
+            return state if piece.shared else PerWorker(state)
+
+        layout = Layout(num_workers, num_channels, span[1])
         zero = jnp.zeros([], jnp.int32)
         return FlyingSquirrelState(
             step=zero,
-            worker_states=PerWorker(tuple(piece.init(params) for piece in send)),
+            worker_states=tuple(piece_state(piece) for piece in send),
             in_flight=line.init(
                 wire.width(params, num_channels) * segments(axes), dtype, span, segments(axes)
             ),
@@ -212,7 +229,8 @@ def asynchronous(
             bounded=zero,
             rejected=zero,
             lost=zero,
-            bytes_sent=jnp.float32(bytes_sent),
+            discarded=zero,
+            bytes_sent=jnp.float32(num_bytes),
         )
 
     def update_fn(
@@ -230,10 +248,18 @@ def asynchronous(
                 f"mapped context: they need {width} entries per in-flight row, the buffer "
                 f"holds {state.in_flight.slots.shape[-1]}"
             )
-        context = Context(state.step, _axes.worker_index(axes.names), num_workers, seed, span[1])
-        message = new_message(updates, line.delay(context), state.in_flight.slots.dtype)
-        message, worker_states = _run(send, message, state.worker_states.value, params, context)
-        due, in_flight = line.send(message, state.in_flight, state.step, axes, apart)
+        _, link, span = resolved(updates)
+        worker = _axes.worker_index(axes.names)
+        context = Context(state.step, worker, num_workers, seed, span[1], link)
+        here = _line.DelayLine(link, line.exchange)
+        message = new_message(updates, here.delay(context), state.in_flight.slots.dtype)
+        pieces = list(zip(send, state.worker_states, strict=True))
+        states = [s if piece.shared else s.value for piece, s in pieces]
+        message, states = _run(send, message, states, params, context)
+        worker_states = tuple(
+            s if piece.shared else PerWorker(s) for piece, s in zip(send, states, strict=True)
+        )
+        due, in_flight = here.send(message, state.in_flight, state.step, axes, apart)
         totals = _line.totals(due, num_workers, apart)
         delivered = jnp.round(totals.count).astype(jnp.int32)
 
@@ -272,15 +298,16 @@ def asynchronous(
             delivery_states = merged_states + delivery_states
         return new_updates, FlyingSquirrelState(
             step=state.step + 1,
-            worker_states=PerWorker(worker_states),
+            worker_states=worker_states,
             in_flight=in_flight,
             delivery_states=delivery_states,
             inner_state=inner_state,
             delivered=delivered,
-            staleness=(totals.delay_sum / jnp.maximum(totals.count, 1.0)).astype(jnp.float32),
+            staleness=(totals.staleness_sum / jnp.maximum(totals.count, 1.0)).astype(jnp.float32),
             bounded=jnp.round(totals.bounded).astype(jnp.int32),
             rejected=jnp.round(totals.rejected).astype(jnp.int32),
             lost=jnp.round(totals.lost).astype(jnp.int32),
+            discarded=jnp.round(totals.discarded).astype(jnp.int32),
             bytes_sent=state.bytes_sent,
         )
 

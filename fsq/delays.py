@@ -29,6 +29,7 @@ from fsq import _checks
 
 __all__ = [
     "DelayModel",
+    "Bandwidth",
     "Constant",
     "Categorical",
     "Speeds",
@@ -39,6 +40,7 @@ __all__ = [
     "heavy_tailed",
     "speeds",
     "trace",
+    "bandwidth",
     "as_delay_model",
 ]
 
@@ -72,6 +74,12 @@ class DelayModel:
     def min_delay(self) -> int:
         """The smallest delay the model can produce (a gradient is never delivered sooner)."""
         return 0
+
+    def for_message(self, num_bytes: int) -> DelayModel:
+        """The model for messages of ``num_bytes`` bytes: itself, for a model whose delays
+        do not depend on the message (see :class:`Bandwidth`)."""
+        del num_bytes
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +180,44 @@ class Trace(DelayModel):
     @property
     def min_delay(self) -> int:
         return int(np.min(self.delays))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bandwidth(DelayModel):
+    """A link of ``bytes_per_tick`` bytes per tick after a ``latency`` of ticks: a message
+    of ``b`` bytes travels ``latency + ceil(b / bytes_per_tick)`` ticks.
+
+    Its delays depend on the size of a message, which the delay line knows: it uses
+    :meth:`for_message`. The bytes are those on the wire, so compression shortens the
+    transit (``max_delay`` is the latency alone until then).
+    """
+
+    latency: int = 0
+    bytes_per_tick: float = 1.0
+
+    def __call__(self, key, step, worker):
+        raise ValueError("a Bandwidth link's delays depend on the message: use for_message")
+
+    @property
+    def mean_delay(self) -> float:
+        raise ValueError("a Bandwidth link's delays depend on the message: use for_message")
+
+    def for_message(self, num_bytes: int) -> Constant:
+        return constant(self.latency + math.ceil(num_bytes / self.bytes_per_tick))
+
+
+def bandwidth(bytes_per_tick: float, latency: int = 0) -> Bandwidth:
+    """A link that carries ``bytes_per_tick > 0`` bytes per tick, after ``latency`` ticks.
+
+    Example:
+      >>> import fsq
+      >>> link = fsq.delays.bandwidth(1000.0, latency=1)
+      >>> link.for_message(4096).max_delay  # 1 + ceil(4096 / 1000)
+      6
+    """
+    per_tick = float(_checks.positive("bytes_per_tick", bytes_per_tick))
+    latency = _max_delay("latency", latency)
+    return Bandwidth(max_delay=latency, latency=latency, bytes_per_tick=per_tick)
 
 
 def _max_delay(name: str, value: int) -> int:

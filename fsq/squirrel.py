@@ -22,7 +22,8 @@ argument adds:
 .. code-block:: text
 
   worker side                                   delivery side
-  liveness(faults)                              robust(aggregation)
+  clock(compute, policy)                        robust(aggregation)
+  liveness(faults)
   reject_non_finite()                           compensate(compensation)
   worker_momentum(worker_momentum)              normalise("weight" for a step-scope rule)
   attack(faults)            (Byzantine models)
@@ -49,6 +50,7 @@ from fsq import compensation as _compensation
 from fsq import compression as _compression
 from fsq import faults as _faults
 from fsq import staleness as _staleness
+from fsq import timing as _timing
 from fsq.assembly import FlyingSquirrelState, asynchronous
 
 __all__ = ["FlyingSquirrelState", "flying_squirrel"]
@@ -70,6 +72,9 @@ def flying_squirrel(
     compression: _compression.Compressor | None = None,
     exchange: str = "dense",
     worker_momentum: float | None = None,
+    compute: _timing.ComputeModel | None = None,
+    policy: str | _timing.Policy = "asynchronous",
+    tick_seconds: float = 1.0,
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous data-parallel training with delayed gradients, used per worker.
@@ -149,9 +154,17 @@ def flying_squirrel(
         :math:`m_i \leftarrow \beta m_i + (1 - \beta) g_i` instead of its gradient
         (:func:`fsq.transforms.worker_momentum`), so that a robust ``aggregation`` can tell
         Byzantine messages apart. ``None``: off.
-      seed: the seed of every random choice (delays, faults, random-k); runs are a pure
-        function of it. A traced int scalar is accepted too, to ``jit`` or ``vmap`` over
-        seeds.
+      compute: a :mod:`fsq.timing` compute model: workers that take their own time per
+        gradient, ``delay`` then being the link's transit (:func:`fsq.transforms.clock`);
+        ``None``: every gradient takes one tick.
+      policy: how the server coordinates the workers in time: ``"asynchronous"`` (the
+        default), ``"synchronous"``, or a :mod:`fsq.timing` policy (``backup(b)``,
+        ``rennala(B)``, ``ringmaster(R)``). With ``compute`` or another policy, staleness is
+        counted in inner steps, and the state reports the simulated ``time``.
+      tick_seconds: the seconds of one tick of the logical clock (with a clock).
+      seed: the seed of every random choice (delays, faults, random-k, compute times); runs
+        are a pure function of it. A traced int scalar is accepted too, to ``jit`` or
+        ``vmap`` over seeds.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -202,7 +215,11 @@ def flying_squirrel(
         config = None
     robust = _aggregation.resolve(aggregation)
 
+    policy = _timing.resolve(policy)
     send = []
+    if compute is not None or policy != _timing.asynchronous():
+        every_tick = _timing.fixed([1] * num_workers)
+        send.append(transforms.clock(compute or every_tick, policy, tick_seconds=tick_seconds))
     if fault_model is not None:
         send.append(transforms.liveness(fault_model))
     send.append(transforms.reject_non_finite())

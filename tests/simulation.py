@@ -6,7 +6,7 @@ import optax
 
 import fsq
 
-METRICS = ("delivered", "staleness", "bounded", "rejected", "lost")
+METRICS = ("delivered", "staleness", "bounded", "rejected", "lost", "discarded")
 
 
 def run(tx, gradients, params, steps, num_workers):

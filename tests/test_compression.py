@@ -196,9 +196,9 @@ def test_sparse_exchange_gathers_pairs_instead_of_reducing_the_dense_row():
     assert "all-reduce(" not in text
     gathered = re.findall(r"= (\w+)\[([\d,]+)\][^=]*all-gather\(", text)
     # One all-gather of one row per worker: the k = ceil(0.05 * 2050) = 103 kept entries
-    # plus 6 scalars, their positions, and the delay.
+    # plus 7 totals, their positions, and the delay.
     assert [int(np.prod([int(d) for d in shape.split(",")])) for _, shape in gathered] == [
-        8 * (2 * (103 + 6) + 1)
+        8 * (2 * (103 + 7) + 1)
     ]
 
 

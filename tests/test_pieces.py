@@ -197,7 +197,7 @@ def test_an_overflowed_correction_falls_back_to_the_gradient(adaptive):
     w_sent, w_now = jnp.array([1.0, 1.0]), jnp.array([0.5, 0.5])
     m, _ = dc.update(message(jnp.array([2e19, 2.0])), (), w_sent, None)
     assert not np.isfinite(np.asarray(m.channels[1])[0])
-    totals = T.Totals(*[jnp.float32(1)] * 6)
+    totals = T.Totals(*[jnp.float32(1)] * 7)
     layout = T.Layout(num_workers=1, num_channels=3, max_delay=1)
     state = combine.init(w_now, layout)
     out, state = combine.update(T.Arrival(m.channels, totals), state, w_now, None)
@@ -223,7 +223,7 @@ def test_compensate_combines_the_channels(adaptive):
     for weight in (2.0, 0.0, 1.5):
         c1, c2, c3 = (rng.normal(size=2).astype(np.float32) for _ in range(3))
         c2 = np.abs(c2)
-        totals = T.Totals(*[jnp.float32(weight)] * 6)
+        totals = T.Totals(*[jnp.float32(weight)] * 7)
         arrival = T.Arrival(tuple(jnp.asarray(c) for c in (c1, c2, c3)), totals)
         out, state = combine.update(arrival, state, jnp.asarray(w), None)
         lam = 0.5
@@ -246,7 +246,7 @@ def test_robust_reduces_the_latest_votes_within_the_horizon():
         sums = rng.normal(size=(3, 2)).astype(np.float32) * weights[:, None]
         # Votes are weighted means: one delivered gradient of weight 2 votes sums / 2.
         count, zero = jnp.asarray(weights > 0, jnp.float32), jnp.zeros(3)
-        by_worker = T.Totals(count, zero, zero, jnp.asarray(weights), zero, zero)
+        by_worker = T.Totals(count, zero, zero, jnp.asarray(weights), zero, zero, zero)
         arrival = T.Arrival(({"w": jnp.asarray(sums)},), None, by_worker)
         out, state = median.update(arrival, state, None, context(step, num_workers=3, max_delay=1))
         fresh = weights > 0
@@ -261,7 +261,7 @@ def test_robust_reduces_the_latest_votes_within_the_horizon():
 @pytest.mark.parametrize("by", ["workers", "weight"])
 def test_normalise(by):
     norm = T.normalise(by)
-    totals = T.Totals(*[jnp.float32(2.5)] * 6)
+    totals = T.Totals(*[jnp.float32(2.5)] * 7)
     arrival = T.Arrival((jnp.array([5.0, -1.0]),), totals)
     out, _ = norm.update(arrival, norm.init(None, None), None, context(num_workers=4))
     if by == "workers":
@@ -282,14 +282,14 @@ def test_wire_round_trip_with_a_zero_size_leaf():
     m = message(tree, delay=3, weight=0.5)
     m = m._replace(channels=(tree, jax.tree.map(lambda x: 2 * x, tree)))
     row = jnp.concatenate(wire.parts(m, jnp.float32))
-    assert row.shape == (wire.width(tree, 2),) == (2 * 7 + 6,)
+    assert row.shape == (wire.width(tree, 2),) == (2 * 7 + 7,)
     channels = wire.unpack(lambda start, size: row[start : start + size], tree, 2)
     for got, want in zip(channels, (tree, jax.tree.map(lambda x: 2 * x, tree)), strict=True):
         for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(g, 0.5 * np.asarray(x))
-    np.testing.assert_array_equal(row[-6:], [1, 3, 0, 0.5, 0, 0])
+    np.testing.assert_array_equal(row[-7:], [1, 3, 0, 0.5, 0, 0, 0])
     dropped = jnp.concatenate(wire.parts(m._replace(status=jnp.int32(Status.DROPPED)), jnp.float32))
-    np.testing.assert_array_equal(dropped, [0] * 14 + [0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(dropped, [0] * 14 + [0, 0, 1, 0, 0, 0, 0])
     nan = {"a": jnp.full((2, 3), jnp.nan), "empty": jnp.zeros((0, 4)), "c": jnp.ones(())}
     rejected = message(nan, status=Status.REJECTED)
     np.testing.assert_array_equal(jnp.concatenate(wire.parts(rejected, jnp.float32))[:7], 0)
@@ -351,7 +351,8 @@ def test_vmap_workers_batches_per_worker_state_only():
     )
     workers = fsq.parallel.vmap_workers(tx, num_workers=4)
     state = workers.init({"w": jnp.zeros(3)})
-    assert fsq.placement.placement_of(state.worker_states) == fsq.placement.PER_WORKER
+    placements = [fsq.placement.placement_of(s) for s in state.worker_states]
+    assert placements == [fsq.placement.PER_WORKER] * len(state.worker_states)
     assert fsq.placement.placement_of(state.in_flight) == fsq.placement.PER_DEVICE
     assert optax.tree.get(state, "residual").shape == (4, 3)  # [W, P]
     assert state.in_flight.slots.shape[0] == 2  # one ring (read early), not one per worker

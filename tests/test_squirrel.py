@@ -294,11 +294,11 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
                 tx.init, in_axes=None, out_axes=None, axis_size=num_workers, axis_name=AXIS
             )
             state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
-            # max_delay + 1 rows x (33 params x channels + 6 scalars), float32, and a
+            # max_delay + 1 rows x (33 params x channels + 7 totals), float32, and a
             # one-byte mark per row
-            assert state.in_flight.pending().shape == (7, 33 * channels + 6)
+            assert state.in_flight.pending().shape == (7, 33 * channels + 7)
             in_flight_bytes = sum(x.nbytes for x in jax.tree.leaves(state.in_flight))
-            assert in_flight_bytes == 7 * (33 * channels + 6) * 4 + 7
+            assert in_flight_bytes == 7 * (33 * channels + 7) * 4 + 7
 
 
 def test_bfloat16_params_get_bfloat16_updates():

@@ -1,6 +1,7 @@
 """The pieces Flying Squirrel is assembled from (:func:`fsq.asynchronous`).
 
-Worker side (:class:`SendTransformation`, per worker, own state):
+Worker side (:class:`SendTransformation`, per worker, own state): :func:`clock` (workers
+that compute at their own pace, coordinated by a policy of :mod:`fsq.timing`),
 :func:`liveness`, :func:`reject_non_finite`, :func:`worker_momentum`, :func:`attack`,
 :func:`bound_staleness`, :func:`compress`, :func:`scale_by_staleness`,
 :func:`scale_by_worker`, :func:`gaussian_noise`, :func:`compensation_channels`, and any
@@ -17,6 +18,7 @@ What flows between them: :class:`Message`, :class:`Arrival` (with its :class:`To
 
 from fsq.transforms.attack import attack
 from fsq.transforms.bound import bound_staleness
+from fsq.transforms.clock import Schedule, clock
 from fsq.transforms.delay_compensation import (
     CompensationState,
     compensate,
@@ -56,11 +58,13 @@ __all__ = [
     "Message",
     "SendTransformation",
     "Status",
+    "Schedule",
     "Totals",
     "Votes",
     "all_finite",
     "attack",
     "bound_staleness",
+    "clock",
     "compensate",
     "compensation_channels",
     "compress",

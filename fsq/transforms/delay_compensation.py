@@ -81,7 +81,7 @@ def compensate(config: DelayCompensation) -> DeliverTransformation:
     Example:
       >>> import jax.numpy as jnp, fsq
       >>> combine = fsq.transforms.compensate(fsq.compensation.constant(0.5))
-      >>> totals = fsq.transforms.Totals(*[jnp.float32(1)] * 6)
+      >>> totals = fsq.transforms.Totals(*[jnp.float32(1)] * 7)
       >>> sums = (jnp.array([2.0]), jnp.array([4.0]), jnp.array([4.0]))  # sent at w = 1
       >>> arrival = fsq.transforms.Arrival(sums, totals)
       >>> layout = fsq.transforms.Layout(num_workers=1, num_channels=3, max_delay=1)

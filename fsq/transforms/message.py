@@ -12,14 +12,16 @@ The pipeline (:func:`fsq.asynchronous`) has three stages, each with its own kind
   the :class:`Arrival` (the sums of the channels delivered at a step, and their
   :class:`Totals`) into what the inner optimizer steps on.
 
-A message's status says what becomes of it; it is a partition of the :math:`W` gradients
-of a step: each is exactly one of *sent* (delivered), *held* (delivered, late by the
-staleness bound), *dropped* (by the staleness bound), *rejected* (not finite) or *lost*
-(its worker was down). A message's fate is the gravest any piece gives it, in that
-order (lost, rejected, dropped, held, sent), whatever the order of the pieces: a down
-worker's NaN gradient is lost, a late NaN gradient rejected. A piece's own state advances
-only for a message that is still sent when it sees it (a worker that computed nothing
-usable learns nothing), so rejection comes before the pieces with state.
+A message's status says what becomes of it; it is a partition of the gradients of a
+step: each is exactly one of *sent* (delivered), *held* (delivered, late by the
+staleness bound), *dropped* (by the staleness bound), *discarded* (by a coordination
+policy, :mod:`fsq.timing`), *rejected* (not finite) or *lost* (its worker was down); a
+worker still busy with an earlier job (or waiting at a barrier) sends nothing at all
+(*idle*). A message's fate is the gravest any piece gives it, in the reverse of that
+order (idle, lost, rejected, discarded, dropped, held, sent), whatever the order of the
+pieces: a down worker's NaN gradient is lost, a late NaN gradient rejected. A piece's own
+state advances only for a message that is still sent when it sees it (a worker that
+computed nothing usable learns nothing), so rejection comes before the pieces with state.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class Status(enum.IntEnum):
     SENT = 0
     HELD = 1  # sent, and held back by the staleness bound (on_stale="wait")
     DROPPED = 2  # dropped by the staleness bound (on_stale="drop")
-    REJECTED = 3  # not finite
-    LOST = 4  # its worker was down
+    DISCARDED = 3  # by a coordination policy (fsq.timing)
+    REJECTED = 4  # not finite
+    LOST = 5  # its worker was down
+    IDLE = 6  # no gradient: its worker is busy, or waiting at a barrier
 
 
 class Context(NamedTuple):
@@ -54,6 +58,8 @@ class Context(NamedTuple):
       num_workers: :math:`W`.
       seed: the run's seed (an int, or a traced int scalar).
       max_delay: the largest delay a message can travel with.
+      link: the delay line's link model (:mod:`fsq.delays`), resolved for the size of a
+        message, or ``None``.
     """
 
     step: jax.Array
@@ -61,6 +67,7 @@ class Context(NamedTuple):
     num_workers: int
     seed: int | jax.Array
     max_delay: int
+    link: Any = None
 
     def key(self, stream: _random.Stream, worker: jax.Array | int | None = None) -> jax.Array:
         """The key of event ``stream`` of ``worker`` (default: this one) at this step."""
@@ -82,6 +89,9 @@ class Message(NamedTuple):
       support: the flat positions a sparse compressor kept (``[k]`` int32), else ``None``.
       shared_support: whether every worker keeps the same positions at a step (a Python
         bool: random-k with a shared key), so that they need not travel.
+      staleness: the inner steps between the tick its parameters were read and the tick
+        it is applied (int32 scalar), known to a clock (:func:`fsq.transforms.clock`);
+        ``None``: its delay (every step delivers something in the delay model).
     """
 
     channels: tuple[optax.Updates, ...]
@@ -90,11 +100,17 @@ class Message(NamedTuple):
     status: jax.Array
     support: jax.Array | None = None
     shared_support: bool = False
+    staleness: jax.Array | None = None
 
     @property
     def gradient(self) -> optax.Updates:
         """The first channel: the (transformed) gradient."""
         return self.channels[0]
+
+    @property
+    def age(self) -> jax.Array:
+        """Its staleness, where a clock knows it, else its delay (int32 scalar)."""
+        return self.delay if self.staleness is None else self.staleness
 
     @property
     def sent(self) -> jax.Array:
@@ -135,26 +151,31 @@ class SendTransformation(NamedTuple):
     """A worker-side piece: ``update(message, state, params, context) -> (message, state)``.
 
     ``init(params)`` makes its state, which is each worker's own (batched over the workers
-    of a device by :mod:`fsq.parallel`). The optional fields tell the assembly, at
-    construction, how the piece changes the message's layout.
+    of a device by :mod:`fsq.parallel`), unless ``shared``. The optional fields tell the
+    assembly how the piece changes the message's layout.
 
     Attributes:
-      init: ``params -> state``.
+      init: ``params -> state`` (``(params, context) -> state`` with ``needs_context``).
       update: ``(message, state, params, context) -> (message, state)``.
       channels: how many channels its messages have (``None``: unchanged).
       delays: ``(min_delay, max_delay) -> (min_delay, max_delay)``, how it changes the
         range of delays (``None``: unchanged).
       wire_bytes: ``(leaf sizes, channels) -> bytes`` of one of its messages on the wire,
         for a piece that compresses (``None``: unchanged).
+      shared: its state is the same on every worker (replicated), not each worker's own.
+      needs_context: ``init`` takes the :class:`Context` too (its ``step`` 0, ``worker``
+        0: the run it belongs to).
     """
 
-    init: Callable[[optax.Params], optax.OptState]
+    init: Callable[..., optax.OptState]
     update: Callable[
         [Message, optax.OptState, optax.Params | None, Context], tuple[Message, optax.OptState]
     ]
     channels: int | None = None
     delays: Callable[[DelayRange], DelayRange] | None = None
     wire_bytes: WireBytes | None = None
+    shared: bool = False
+    needs_context: bool = False
 
 
 def on_gradient(tx: optax.GradientTransformation) -> SendTransformation:
@@ -192,19 +213,21 @@ class Totals(NamedTuple):
 
     Attributes:
       count: how many are delivered (status sent or held).
-      delay_sum: the sum of their delays.
+      staleness_sum: the sum of their staleness (:attr:`Message.age`).
       bounded: how many the staleness bound dropped or held back.
       weight: the sum of their weights.
       rejected: how many were rejected for not being finite.
       lost: how many were never sent, their worker being down.
+      discarded: how many a coordination policy discarded.
     """
 
     count: jax.Array
-    delay_sum: jax.Array
+    staleness_sum: jax.Array
     bounded: jax.Array
     weight: jax.Array
     rejected: jax.Array
     lost: jax.Array
+    discarded: jax.Array
 
 
 def totals_of(message: Message, dtype: jnp.dtype) -> Totals:
@@ -213,11 +236,12 @@ def totals_of(message: Message, dtype: jnp.dtype) -> Totals:
     status = message.status
     return Totals(
         count,
-        count * message.delay.astype(dtype),
+        count * message.age.astype(dtype),
         ((status == Status.HELD) | (status == Status.DROPPED)).astype(dtype),
         jnp.where(message.sent, message.weight.astype(dtype), 0),
         (status == Status.REJECTED).astype(dtype),
         (status == Status.LOST).astype(dtype),
+        (status == Status.DISCARDED).astype(dtype),
     )
 
 

@@ -39,7 +39,7 @@ def normalise(by: str = "workers") -> DeliverTransformation:
     Example:
       >>> import jax.numpy as jnp, fsq
       >>> by_weight = fsq.transforms.normalise("weight")
-      >>> totals = fsq.transforms.Totals(*[jnp.float32(2)] * 6)  # weight 2
+      >>> totals = fsq.transforms.Totals(*[jnp.float32(2)] * 7)  # weight 2
       >>> arrival = fsq.transforms.Arrival((jnp.array([6.0]),), totals)
       >>> context = fsq.transforms.Context(jnp.int32(0), jnp.int32(0), 4, 0, 1)
       >>> out, _ = by_weight.update(arrival, (), None, context)

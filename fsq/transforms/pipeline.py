@@ -6,7 +6,7 @@ Example:
   >>> p = T.pipeline.pipeline(
   ...     4, [T.reject_non_finite(), T.compensation_channels()], T.delay_line(3),
   ...     [T.compensate(fsq.compensation.adaptive())])
-  >>> p.num_channels, p.span, len(p.deliver)  # normalise("workers") was added last
+  >>> p.num_channels, p.span(fsq.delays.constant(3)), len(p.deliver)  # normalise added
   (3, (3, 3), 2)
 """
 
@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import optax
 
 from fsq.compression import dense_bytes
+from fsq.delays import DelayModel
 from fsq.transforms import line as _line
 from fsq.transforms.message import DeliverTransformation, SendTransformation, on_gradient
 from fsq.transforms.normalise import normalise
@@ -33,7 +34,7 @@ class Pipeline(NamedTuple):
     Attributes:
       send: the worker-side pieces.
       deliver: the delivery-side pieces, the last one normalising.
-      span: ``(min, max)`` delay a message can travel with.
+      delays: the pieces' changes to the range of delays, in order.
       num_channels: the channels of a message.
       wire_bytes: ``(leaf sizes, channels) -> bytes`` of a message on the wire.
       apart: whether the delay line keeps each worker's sums apart.
@@ -41,10 +42,18 @@ class Pipeline(NamedTuple):
 
     send: tuple[SendTransformation, ...]
     deliver: tuple[DeliverTransformation, ...]
-    span: tuple[int, int]
+    delays: tuple[Callable[[tuple[int, int]], tuple[int, int]], ...]
     num_channels: int
     wire_bytes: Callable[[Sequence[int], int], int]
     apart: bool
+
+    def span(self, link: DelayModel) -> tuple[int, int]:
+        """``(min, max)`` delay a message can travel with over ``link`` (resolved for the
+        size of a message): the link's, as the pieces change it."""
+        span = (link.min_delay, link.max_delay)
+        for change in self.delays:
+            span = change(span)
+        return span
 
 
 def pipeline(
@@ -61,18 +70,12 @@ def pipeline(
         raise ValueError(
             f"delay model is defined for {model.num_workers} workers but num_workers={num_workers}"
         )
-    # Delivery counts and delay sums travel as floats; keep them exact in float32.
-    if num_workers * (model.max_delay + 1) > 2**24:
-        raise ValueError(
-            f"num_workers * (max_delay + 1) must be at most 2**24, got {num_workers} * "
-            f"{model.max_delay + 1}"
-        )
     send = tuple(_as_send(piece) for piece in send)
-    span, num_channels, wire_bytes = (model.min_delay, model.max_delay), 1, dense_bytes
+    num_channels, wire_bytes = 1, dense_bytes
     for piece in send:
-        span = piece.delays(span) if piece.delays else span
         num_channels = piece.channels or num_channels
         wire_bytes = piece.wire_bytes or wire_bytes
+    delays = tuple(piece.delays for piece in send if piece.delays)
     deliver = tuple(deliver)
     for piece in deliver:
         if not isinstance(piece, DeliverTransformation):
@@ -96,4 +99,13 @@ def pipeline(
         raise ValueError("a piece that keeps the workers apart (robust) must come first in deliver")
     if apart and line.exchange == "sparse":
         raise ValueError('exchange="sparse" works with the mean aggregation only')
-    return Pipeline(send, deliver, span, num_channels, wire_bytes, apart)
+    pipeline = Pipeline(send, deliver, delays, num_channels, wire_bytes, apart)
+    # The pieces check the range of delays (a bound above the largest, say) at once, on a
+    # link of the message's size: the size is known later, so at the smallest.
+    _, high = pipeline.span(model.for_message(0))
+    # Delivery counts and delay sums travel as floats; keep them exact in float32.
+    if num_workers * (high + 1) > 2**24:
+        raise ValueError(
+            f"num_workers * (max_delay + 1) must be at most 2**24, got {num_workers} * {high + 1}"
+        )
+    return pipeline

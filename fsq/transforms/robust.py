@@ -69,7 +69,7 @@ def robust(rule: Aggregation) -> DeliverTransformation:
       >>> median = fsq.transforms.robust(fsq.aggregation.median())
       >>> layout = fsq.transforms.Layout(num_workers=3, num_channels=1, max_delay=0)
       >>> state = median.init(jnp.zeros(1), layout)
-      >>> by_worker = fsq.transforms.Totals(*[jnp.ones(3)] * 6)  # one vote each
+      >>> by_worker = fsq.transforms.Totals(*[jnp.ones(3)] * 7)  # one vote each
       >>> sums = (jnp.array([[1.0], [2.0], [100.0]]),)
       >>> arrival = fsq.transforms.Arrival(sums, None, by_worker)
       >>> context = fsq.transforms.Context(jnp.int32(0), jnp.int32(0), 3, 0, 0)

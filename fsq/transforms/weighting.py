@@ -48,7 +48,7 @@ def scale_by_staleness(
 
     def update(message, state, params, context):
         del params, context
-        alpha = scale(message.delay.astype(message.weight.dtype))
+        alpha = scale(message.age.astype(message.weight.dtype))
         return message._replace(weight=message.weight * alpha), state
 
     return SendTransformation(lambda params: optax.EmptyState(), update)

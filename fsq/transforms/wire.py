@@ -12,8 +12,8 @@ Example:
   >>> from fsq.transforms import wire
   >>> m = fsq.transforms.new_message({"w": jnp.array([1.0, 2.0])}, 3, jnp.float32)
   >>> row = jnp.concatenate(wire.parts(m._replace(weight=jnp.float32(0.5)), jnp.float32))
-  >>> print(row)  # 0.5 g, then count, delay sum, bounded, weight, rejected, lost
-  [0.5 1.  1.  3.  0.  0.5 0.  0. ]
+  >>> print(row)  # 0.5 g; count, staleness, bounded, weight, rejected, lost, discarded
+  [0.5 1.  1.  3.  0.  0.5 0.  0.  0. ]
 """
 
 from __future__ import annotations

@@ -1,0 +1,238 @@
+"""Workers in time: compute models, links and coordination policies against the
+event-driven numpy simulation of tests/reference_time.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fsq
+from fsq import _random, delays, timing
+from tests import reference_time, simulation
+
+T = fsq.transforms
+W, DIM, STEPS, LR, SEED = 4, 3, 40, 0.1, 5
+RNG = np.random.default_rng(41)
+A = np.stack([np.diag(RNG.uniform(0.5, 2.0, DIM)) for _ in range(W)])
+C = RNG.normal(size=(W, DIM))
+
+COMPUTE = {
+    "fixed": timing.fixed([1, 2, 3, 5]),
+    "exponential": timing.exponential([1.5, 2.0, 3.0, 4.0], max_ticks=8),
+    "slowdown": timing.slowdown(timing.fixed([1, 1, 2, 2]), [0, 3], 4.0, start=8, stop=20),
+    "lognormal": timing.lognormal([1.0, 2.0, 2.0, 3.0], 0.6, max_ticks=9),
+}
+LINKS = {"free": delays.constant(0), "uniform": delays.uniform(2), "constant": delays.constant(1)}
+POLICIES = {
+    "asynchronous": timing.asynchronous(),
+    "synchronous": timing.synchronous(),
+    "backup": timing.backup(1),
+    "rennala": timing.rennala(3),
+    "ringmaster": timing.ringmaster(2),
+}
+
+
+def grad_np(i, w):
+    return A[i] @ (w - C[i])
+
+
+def gradients(w, step):
+    del step
+    return jnp.einsum(
+        "wij,wj->wi", jnp.asarray(A, jnp.float32), w[None] - jnp.asarray(C, jnp.float32)
+    )
+
+
+@functools.cache
+def oracle(model, kind):
+    """The library's draws for the reference (the models' distributions are tested
+    against their formulas apart): a job's duration or a message's transit."""
+
+    @jax.jit
+    def draw(worker, index, tick):
+        if kind == "compute":
+            key = _random.event_key(SEED, _random.Stream.COMPUTE, index, worker)
+            return model(key, worker, index, tick)
+        key = _random.event_key(SEED, _random.Stream.DELAY, tick, worker)
+        return model(key, tick, worker)
+
+    return functools.cache(lambda *args: int(draw(*args)))
+
+
+def run(compute, link, policy, **options):
+    tx = fsq.asynchronous(
+        fsq.sgd(LR),
+        num_workers=W,
+        send=[T.clock(compute, policy, tick_seconds=0.5), *options.pop("send", [])],
+        line=T.delay_line(link),
+        seed=SEED,
+        **options,
+    )
+    return simulation.run(tx, gradients, jnp.zeros(DIM), STEPS, W)
+
+
+def expected(compute, link, policy, **options):
+    durations, transits = oracle(compute, "compute"), oracle(link, "link")
+    return reference_time.simulate(
+        grad_np,
+        num_workers=W,
+        steps=STEPS,
+        lr=LR,
+        dim=DIM,
+        duration=lambda i, j, t: durations(i, j, t),
+        transit=lambda i, t: transits(i, 0, t),
+        policy=policy.name,
+        size=policy.size,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("compute", ["fixed", "exponential", "slowdown"])
+def test_policies_match_the_event_simulation(policy, compute):
+    link = LINKS["uniform"] if compute == "exponential" else LINKS["free"]
+    path, metrics, state = run(COMPUTE[compute], link, POLICIES[policy])
+    want, counts, jobs = expected(COMPUTE[compute], link, POLICIES[policy])
+    np.testing.assert_allclose(path, want, rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(metrics["delivered"], counts["delivered"])
+    np.testing.assert_array_equal(metrics["discarded"], counts["discarded"])
+    np.testing.assert_allclose(metrics["staleness"], counts["staleness"], rtol=1e-6)
+    # Every job decided within the run was applied once or counted as discarded.
+    decided = [j for j in jobs if j.decided is not None and j.decided < STEPS]
+    assert metrics["delivered"].sum() + metrics["discarded"].sum() == len(decided)
+    schedule = state.worker_states[0]
+    assert float(schedule.time) == STEPS * 0.5
+    if policy in ("backup", "rennala", "ringmaster"):
+        assert counts["discarded"].sum() > 0  # the policy had something to decide
+
+
+def test_utilisation_and_busy_time_by_hand():
+    """fixed([1, 2, 3, 5]), synchronous: rounds of 5 ticks, 11 of 20 worker-ticks computing."""
+    _, _, state = run(COMPUTE["fixed"], LINKS["free"], POLICIES["synchronous"])
+    schedule = state.worker_states[0]
+    np.testing.assert_array_equal(schedule.busy, [8, 16, 24, 40])  # 8 rounds
+    np.testing.assert_array_equal(schedule.idle, [32, 24, 16, 0])
+    np.testing.assert_allclose(schedule.utilisation, 11 / 20, rtol=1e-6)
+
+
+@pytest.mark.parametrize("link", ["constant", "uniform"])
+def test_links_and_the_staleness_rule_in_inner_steps(link):
+    rule = fsq.staleness.weighted_step(1.0)
+    path, metrics, _ = run(
+        COMPUTE["lognormal"],
+        LINKS[link],
+        POLICIES["asynchronous"],
+        send=[T.scale_by_staleness(rule)],
+        deliver=[T.normalise("weight")],
+    )
+    want, counts, _ = expected(
+        COMPUTE["lognormal"],
+        LINKS[link],
+        POLICIES["asynchronous"],
+        rule=lambda tau: min(1.0, 1.0 / max(1, tau)),
+        scope="step",
+    )
+    np.testing.assert_allclose(path, want, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(metrics["staleness"], counts["staleness"], rtol=1e-6)
+    # Staleness in inner steps is not the delay in ticks here.
+    assert np.any(counts["staleness"] > 0)
+
+
+def test_synchronous_with_one_tick_jobs_is_delay_zero_bitwise():
+    plain = fsq.flying_squirrel(fsq.adam(LR), num_workers=W, delay=0)
+    timed = fsq.flying_squirrel(
+        fsq.adam(LR), num_workers=W, delay=0, compute=timing.fixed([1] * W), policy="synchronous"
+    )
+    want, *_ = simulation.run(plain, gradients, jnp.zeros(DIM), STEPS, W)
+    got, *_ = simulation.run(timed, gradients, jnp.zeros(DIM), STEPS, W)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bandwidth_links_charge_the_bytes_on_the_wire():
+    """A dense message of 3 float32 (12 bytes) over 4 bytes per tick takes 3 ticks; top-1
+    of 3 (an index and a value, 8 bytes) 2."""
+    for compressor, transit in ((None, 3), (fsq.compression.top_k(0.3), 2)):
+        tx = fsq.flying_squirrel(
+            fsq.sgd(LR),
+            num_workers=W,
+            delay=delays.bandwidth(4.0),
+            compute=timing.fixed([1] * W),
+            staleness=None,
+            compensation=None,
+            compression=compressor,
+        )
+        _, metrics, _ = simulation.run(tx, gradients, jnp.zeros(DIM), 8, W)
+        np.testing.assert_array_equal(metrics["delivered"], [0] * transit + [W] * (8 - transit))
+
+
+@pytest.mark.parametrize(
+    ("backend", "devices", "workers"), [("vmap", 1, 16), ("shard_map", 8, 16), ("pmap", 8, 8)]
+)
+def test_every_layout_runs_the_same_schedule(backend, devices, workers):
+    compute = timing.exponential([1.0 + (i % 4) for i in range(workers)], max_ticks=6)
+
+    def loss(params, batch):
+        return jnp.mean((batch["x"] @ params - batch["y"]) ** 2)
+
+    def trajectory(layout, num_devices):
+        tx = fsq.flying_squirrel(
+            fsq.adam(0.05),
+            num_workers=workers,
+            axis_name=fsq.parallel.AXIS_NAME,
+            delay=delays.uniform(2),
+            compute=compute,
+            policy=timing.rennala(workers // 2),
+            seed=SEED,
+        )
+        mesh = None if layout == "vmap" else fsq.parallel.make_mesh(num_devices)
+        dp = fsq.parallel.data_parallel(loss, tx, num_workers=workers, backend=layout, mesh=mesh)
+        state = dp.init(jnp.zeros(3))
+        x = jax.random.normal(jax.random.key(0), (workers, 5, 3))
+        batch = {"x": x, "y": x @ jnp.array([1.0, -2.0, 0.5])}
+        path = []
+        for _ in range(12):
+            state, _ = dp.step(state, batch)
+            path.append(np.asarray(state.params))
+        return np.stack(path), int(optax.tree.get(state.opt_state, "discarded"))
+
+    want, _ = trajectory("vmap", 1)
+    got, _ = trajectory(backend, devices)
+    assert not np.allclose(want[-1], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: timing.fixed([1, 0]), ValueError, "ticks"),
+        (lambda: timing.exponential([0.5], 4), ValueError, "means"),
+        (lambda: timing.backup(0), ValueError, "workers"),
+        (lambda: timing.rennala(0), ValueError, "batch"),
+        (lambda: timing.ringmaster(0), ValueError, "threshold"),
+        (lambda: T.clock(timing.fixed([1]), "synchronous"), TypeError, "policy"),
+        (
+            lambda: T.clock(timing.fixed([1]), timing.synchronous(), tick_seconds=0),
+            ValueError,
+            "tick_seconds",
+        ),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, policy="gossip"),
+            ValueError,
+            "policy",
+        ),
+    ],
+)
+def test_bad_arguments_raise(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_a_batch_larger_than_the_workers_is_refused():
+    tx = fsq.asynchronous(
+        fsq.sgd(LR), num_workers=2, send=[T.clock(timing.fixed([1, 1]), timing.rennala(3))]
+    )
+    with pytest.raises(ValueError, match="at most num_workers=2"):
+        fsq.parallel.vmap_workers(tx, num_workers=2).init(jnp.zeros(1))
