@@ -15,8 +15,16 @@ uniform delays up to 16, a 9.6k-parameter MLP of 8x8 digits): a simulator that c
 scale must compile in about the same time for thousands of workers as for dozens, and
 take time linear in their number per step.
 
-Run: ``python -m benchmarks.throughput [--devices 8] [--workers 8 64 256]``, or
-``python -m benchmarks.throughput --sweep [--workers 64 256 1024 4096]``.
+With ``--time``, instead: the simulator of workers in time (a clock, :mod:`fsq.timing`)
+against the delay-only one, and against an event-driven Python loop of the same jobs, in
+worker-gradients *applied* per second: the clock computes only the gradients of the
+workers that start a job (``data_parallel(gradient_slots=...)``), so a heterogeneous
+cluster, where most workers are busy most ticks, should cost about what the delay-only
+simulator costs per gradient.
+
+Run: ``python -m benchmarks.throughput [--devices 8] [--workers 8 64 256]``,
+``python -m benchmarks.throughput --sweep [--workers 64 256 1024 4096]``, or
+``python -m benchmarks.throughput --time [--workers 64]``.
 """
 
 from __future__ import annotations
@@ -41,9 +49,13 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sweep", action="store_true", help="compile and step time against W")
+    parser.add_argument("--time", action="store_true", help="the time simulator's cost")
     args = parser.parse_args()
     if args.sweep:
         sweep(args.workers or [64, 256, 1024, 4096])
+        return
+    if args.time:
+        in_time(args.workers or [64], args.models)
         return
     args.workers = args.workers or [8, 64, 256]
     jax.config.update("jax_num_cpu_devices", args.devices)
@@ -185,6 +197,125 @@ def sweep(workers: list[int], steps: int = 10) -> None:
     print(f"MLP {sizes} ({mlp.num_params(params)} params), uniform(16), defaults, one device")
     timing.print_table(rows)
     print(f"results: {timing.save('throughput_sweep', {'rows': rows})}")
+
+
+def in_time(workers_list: list[int], models: list[str], ticks: int = 60) -> None:
+    """Applied worker-gradients per second: the clock, delay-only, and a Python event loop."""
+    import heapq
+
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import fsq
+    from benchmarks import mlp, timing
+
+    batch, inner = 32, fsq.sgd(0.05)
+    grad = jax.jit(jax.grad(mlp.loss))
+
+    @jax.jit
+    def apply(params, opt_state, total, count):
+        updates, opt_state = inner.update(jax.tree.map(lambda g: g / count, total), opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    rows = []
+    for model, workers in itertools.product(models, workers_list):
+        sizes = MODELS[model]
+        params = mlp.init(sizes)
+        keys = jax.random.split(jax.random.key(1), 2)
+        data = (
+            jax.random.normal(keys[0], (workers, batch, sizes[0])),
+            jax.random.randint(keys[1], (workers, batch), 0, 10),
+        )
+        # Heterogeneous workers, 1 to 8 ticks per gradient (sqrt-spread, as in Tyurin and
+        # Richtarik's experiments), fixed or random (geometric with those means): a worker
+        # starts a job every 4 ticks or so.
+        means = [min(8, max(1, round(2 * np.sqrt(i + 1) - 1))) for i in range(workers)]
+        profiles = {
+            "fixed": fsq.timing.fixed(means),
+            "random": fsq.timing.exponential(means, max_ticks=16),
+        }
+        starts_per_tick = sum(1 / t for t in means)
+        slots = min(workers, int(np.ceil(starts_per_tick)))
+        candidates, applied_per_tick = {}, {}
+        for name, options in (
+            ("delay-only", {}),
+            *((f"clock, {p}", {"compute": model}) for p, model in profiles.items()),
+        ):
+            tx = fsq.flying_squirrel(
+                inner,
+                num_workers=workers,
+                axis_name=fsq.parallel.AXIS_NAME,
+                delay=fsq.delays.uniform(4),
+                staleness=None,
+                compensation=None,
+                **options,
+            )
+            dp = fsq.parallel.data_parallel(
+                mlp.loss, tx, num_workers=workers, backend="vmap", gradient_slots=slots
+            )
+            holder = [dp.init(params)]
+
+            def tick(state, _, dp=dp, data=data):
+                state, _ = dp.step(state, data)
+                return state, state.opt_state.delivered
+
+            scan = jax.jit(lambda state, tick=tick: jax.lax.scan(tick, state, None, length=ticks))
+
+            def run(scan=scan, holder=holder, name=name, counts=applied_per_tick):
+                holder[0], delivered = scan(holder[0])
+                counts[name] = float(jnp.mean(delivered))
+                return delivered
+
+            candidates[name] = run
+
+        def event_loop(params=params, ticks_per_job=means, data=data, counts=applied_per_tick):
+            """A Python loop of the same jobs: a heap of arrivals, a jitted gradient each."""
+            rng = np.random.default_rng(0)
+            state, pending, order, applied = [params, inner.init(params)], [], 0, 0
+            free_at = [0] * len(ticks_per_job)
+            for t in range(ticks // 4):
+                for i, c in enumerate(ticks_per_job):
+                    if free_at[i] <= t:
+                        g = grad(state[0], (data[0][i], data[1][i]))
+                        arrival = t + c - 1 + int(rng.integers(0, 5))
+                        heapq.heappush(pending, (arrival, order, g))
+                        order, free_at[i] = order + 1, t + c
+                due = []
+                while pending and pending[0][0] == t:
+                    due.append(heapq.heappop(pending)[2])
+                if due:
+                    total = jax.tree.map(lambda *g: sum(g), *due)
+                    state[0], state[1] = apply(state[0], state[1], total, float(len(due)))
+                    applied += len(due)
+            counts["event loop"] = applied / (ticks // 4)
+            return state[0]
+
+        candidates["event loop"] = event_loop
+        medians = timing.median_seconds(candidates, repeats=5, warmup=1)
+        rates = {
+            name: applied_per_tick[name] * (ticks // 4 if name == "event loop" else ticks) / t
+            for name, t in medians.items()
+        }
+        for profile in profiles:
+            clock = f"clock, {profile}"
+            rows.append(
+                {
+                    "model": f"{model} ({mlp.num_params(params)} params)",
+                    "workers": workers,
+                    "compute": profile,
+                    "applied_per_tick": applied_per_tick[clock],
+                    "delay_only_grads_per_s": rates["delay-only"],
+                    "clock_grads_per_s": rates[clock],
+                    "event_loop_grads_per_s": rates["event loop"],
+                    "cost_vs_delay_only": rates["delay-only"] / rates[clock],
+                    "speedup_vs_event_loop": rates[clock] / rates["event loop"],
+                }
+            )
+        print(rows[-1], flush=True)
+    print(f"batch {batch} per worker, one device (vmap), uniform link delays 0..4")
+    timing.print_table(rows)
+    print(f"results: {timing.save('throughput_time', {'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def normalize(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def resolve(names: tuple[str, ...], num_workers: int) -> WorkerAxes:
-    """Splits ``names`` into device and local axes; checks they are bound and hold W workers.
+def resolve(names: tuple[str, ...], num_workers: int | None) -> WorkerAxes:
+    """Splits ``names`` into device and local axes; checks they are bound and hold W workers
+    (``num_workers``; ``None``: any number, when the caller maps a subset of them).
 
     Must be called while tracing inside the mapped context.
     """
@@ -57,7 +58,7 @@ def resolve(names: tuple[str, ...], num_workers: int) -> WorkerAxes:
             f"axis_name {names} is not bound: call the transform inside jax.vmap, "
             f"jax.shard_map or jax.pmap over those axes (or use fsq.parallel) ({e})"
         ) from None
-    if math.prod(sizes) != num_workers:
+    if num_workers is not None and math.prod(sizes) != num_workers:
         raise ValueError(
             f"num_workers={num_workers} but axis_name {names} spans {math.prod(sizes)} "
             f"workers (axis sizes {sizes}); under fsq.parallel use "

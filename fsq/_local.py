@@ -9,10 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fsq import _checks
 from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
+from fsq.transforms.clock import Schedule, starting
 
 WORKER_AXIS = "workers"
 
@@ -36,6 +38,15 @@ def map_placed(state: Any, spread: Callable, replicated: Callable) -> Any:
     )
 
 
+def map_workers(state: Any, fn: Callable) -> Any:
+    """Applies ``fn`` to the leaves of per-worker parts, leaves the rest."""
+    return jax.tree.map(
+        lambda x: jax.tree.map(fn, x) if placement_of(x) == PER_WORKER else x,
+        state,
+        is_leaf=is_declared,
+    )
+
+
 def worker_axes(state: Any) -> Any:
     """The ``vmap`` axes of ``state`` over the workers of a device: 0 for per-worker parts."""
     return by_placement(state, None, 0, None)
@@ -52,7 +63,10 @@ def vmap_workers(
     the rest once); ``update(grads, state, params)``, with ``grads`` leaves ``[W, ...]``,
     returns the update (the same for every worker, once) and the new state. ``tx`` is
     called per worker under the axis ``axis_name`` (a Flying Squirrel transform built with
-    the same ``axis_name`` and ``num_workers``).
+    the same ``axis_name`` and ``num_workers``). With ``rows`` (``[K]`` distinct local
+    indices) and ``worker_ids`` (their global ids), ``grads`` holds those workers' only:
+    the others are not mapped at all and keep their state (workers busy with an earlier
+    job, which send nothing).
 
     Example:
       >>> import jax.numpy as jnp, fsq
@@ -71,16 +85,19 @@ def vmap_workers(
         axes = worker_axes(jax.eval_shape(init(out_axes=0), params))
         return init(out_axes=axes)(params)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, rows=None, worker_ids=None, **extra_args):
         axes = worker_axes(state)
+        if rows is not None:  # only these workers: the others keep their own state
+            whole, state = state, map_workers(state, lambda x: x[rows])
 
-        def update(grads, state):
-            return tx.update(grads, state, params, **extra_args)
+        def update(grads, state, worker_id):
+            extra = extra_args if worker_id is None else {**extra_args, "worker_id": worker_id}
+            return tx.update(grads, state, params, **extra)
 
         try:
-            return jax.vmap(update, in_axes=(0, axes), out_axes=(None, axes), **workers)(
-                updates, state
-            )
+            updates, state = jax.vmap(
+                update, in_axes=(0, axes, 0), out_axes=(None, axes), **workers
+            )(updates, state, worker_ids)
         except ValueError as e:
             if "out_axes" not in str(e):
                 raise
@@ -92,5 +109,96 @@ def vmap_workers(
                 "mean of several calls, accumulate in the inner optimizer instead "
                 f"(fsq.accumulate(inner, k)) or feed larger batches ({e})"
             ) from None
+        if rows is not None:
+            state = jax.tree.map(
+                lambda w, x: (
+                    jax.tree.map(lambda a, b: a.at[rows].set(b), w, x)
+                    if placement_of(w) == PER_WORKER
+                    else x
+                ),
+                whole,
+                state,
+                is_leaf=is_declared,
+            )
+        return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
+    """Which of the workers ``ids`` start a job at the coming step, by the clock in
+    ``opt_state`` (:func:`fsq.transforms.clock`); ``None`` if there is no clock."""
+    schedules = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, Schedule))
+    schedules = [s for s in schedules if isinstance(s, Schedule)]
+    return starting(schedules[0])[ids] if schedules else None
+
+
+def local_step(
+    value_and_grad: Callable,
+    local: optax.GradientTransformationExtraArgs,
+    params: Any,
+    opt_state: Any,
+    batch: Any,
+    active: jax.Array | None,
+    ids: jax.Array,
+    slots: int | None,
+) -> tuple[Any, Any, jax.Array]:
+    """The losses, gradients and update of a device's workers (``batch`` leaves ``[L,
+    ...]``; ``local`` is :func:`vmap_workers` of the transform).
+
+    With a clock (``active``, ``[L]`` bool: the workers that start a job now) the busy
+    workers' gradients, which would not be sent, are not computed: one worker alone is
+    skipped by a ``lax.cond``; of ``L`` workers, the smallest of ``slots``, ``2 slots``,
+    ``4 slots``, ... or ``L`` that holds the active ones is mapped (the active ones
+    first, then idle ones to fill it). Idle workers report a NaN loss.
+
+    Returns ``(updates, opt_state, losses)``.
+    """
+    num_local = jax.tree.leaves(batch)[0].shape[0]
+    every = jax.vmap(value_and_grad, in_axes=(None, 0))
+
+    if num_local == 1:
+        # A vmap of size 1 would turn the weight gradients into batched matmuls, twice as
+        # slow on CPU: compute the single worker's gradient unbatched.
+        def one():
+            loss, grads = value_and_grad(params, jax.tree.map(lambda x: x[0], batch))
+            return loss[None], jax.tree.map(lambda g: g[None], grads)
+
+        def idle():
+            loss, grads = jax.eval_shape(one)
+            return jnp.full(loss.shape, jnp.nan, loss.dtype), optax.tree.zeros_like(grads)
+
+        losses, grads = one() if active is None else jax.lax.cond(active[0], one, idle)
+        return (*local.update(grads, opt_state, params), losses)
+
+    def all_workers():
+        losses, grads = every(params, batch)
+        if active is not None:
+            losses = jnp.where(active, losses, jnp.nan)
+        return (*local.update(grads, opt_state, params), losses)
+
+    if active is None or slots is None or slots >= num_local:
+        return all_workers()
+
+    def some_workers(capacity):
+        def run():
+            rows = jnp.argsort(~active, stable=True)[:capacity]  # the active ones first
+            losses, grads = every(params, jax.tree.map(lambda x: x[rows], batch))
+            updates, new_state = local.update(
+                grads, opt_state, params, rows=rows, worker_ids=ids[rows]
+            )
+            losses = jnp.full(num_local, jnp.nan, losses.dtype).at[rows].set(
+                jnp.where(active[rows], losses, jnp.nan)
+            )
+            return updates, new_state, losses
+
+        return run
+
+    # Capacities slots, 2 slots, 4 slots, ... then every worker: the smallest that holds
+    # this step's active workers is run.
+    capacities = []
+    while slots * 2 ** len(capacities) < num_local:
+        capacities.append(slots * 2 ** len(capacities))
+    branches = [some_workers(c) for c in capacities] + [all_workers]
+    index = jnp.searchsorted(jnp.asarray(capacities), jnp.sum(active))
+    return jax.lax.switch(index, branches)

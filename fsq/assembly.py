@@ -237,10 +237,19 @@ def asynchronous(
         updates: optax.Updates,
         state: FlyingSquirrelState,
         params: optax.Params | None = None,
+        *,
+        worker_id: jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, FlyingSquirrelState]:
         _check_updates(updates, params)
-        axes = _axes.resolve(names, num_workers)
+        # A caller that maps only some of the workers (fsq.parallel skips the busy ones)
+        # says which this one is; the axes then hold fewer than W.
+        if worker_id is not None and apart:
+            raise ValueError(
+                "a robust aggregation needs every worker mapped: do not skip busy workers "
+                "(gradient_slots) with it"
+            )
+        axes = _axes.resolve(names, num_workers if worker_id is None else None)
         width = wire.width(updates, num_channels) * segments(axes)
         if width != state.in_flight.slots.shape[-1]:
             raise ValueError(
@@ -249,7 +258,7 @@ def asynchronous(
                 f"holds {state.in_flight.slots.shape[-1]}"
             )
         _, link, span = resolved(updates)
-        worker = _axes.worker_index(axes.names)
+        worker = _axes.worker_index(axes.names) if worker_id is None else worker_id
         context = Context(state.step, worker, num_workers, seed, span[1], link)
         here = _line.DelayLine(link, line.exchange)
         message = new_message(updates, here.delay(context), state.in_flight.slots.dtype)

@@ -60,7 +60,7 @@ from fsq._layout import (
     per_device,
     worker_ids,
 )
-from fsq._local import WORKER_AXIS, map_placed, vmap_workers
+from fsq._local import WORKER_AXIS, local_step, map_placed, starting_workers, vmap_workers
 
 AXIS_NAME = (DEVICE_AXIS, WORKER_AXIS)
 BACKENDS = ("vmap", "shard_map", "pmap")
@@ -113,6 +113,7 @@ def data_parallel(
     num_workers: int,
     backend: str = "shard_map",
     mesh: jax.sharding.Mesh | None = None,
+    gradient_slots: int | None = None,
 ) -> DataParallel:
     """Builds the jitted data-parallel train step of ``loss_fn`` with ``tx``, per worker.
 
@@ -124,6 +125,11 @@ def data_parallel(
       backend: ``"vmap"`` (one device), ``"shard_map"`` or ``"pmap"``.
       mesh: for ``shard_map`` / ``pmap``, a mesh from :func:`make_mesh` (default: all
         devices); ignored by ``vmap``.
+      gradient_slots: with a clock in ``tx`` (:func:`fsq.transforms.clock`), how many
+        gradients per device and step to compute at most, for the workers that start a
+        job (more are computed when more start, a synchronous round for one); ``None``:
+        every local worker's (a worker alone on its device is skipped when busy anyway).
+        Idle workers report a NaN loss.
 
     Returns:
       A :class:`DataParallel` with ``init`` and ``step``.
@@ -145,21 +151,18 @@ def data_parallel(
         )
     workers_per_device = num_workers // num_devices
 
-    def local_gradients(params, batch):
-        """Each local worker's loss and gradient; batch leaves are ``[W / D, ...]``."""
-        value_and_grad = jax.value_and_grad(loss_fn)
-        if jax.tree.leaves(batch)[0].shape[0] == 1:
-            # A vmap of size 1 would turn the weight gradients into batched matmuls, twice
-            # as slow on CPU: compute the single worker's gradient unbatched.
-            loss, grads = value_and_grad(params, jax.tree.map(lambda x: x[0], batch))
-            return loss[None], jax.tree.map(lambda g: g[None], grads)
-        return jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)
-
     local = vmap_workers(tx, num_workers=workers_per_device)
 
+    value_and_grad = jax.value_and_grad(loss_fn)
+
     def device_step(params, opt_state, batch):
-        losses, grads = local_gradients(params, batch)
-        updates, opt_state = local.update(grads, opt_state, params)
+        # A worker busy with an earlier job (a clock) sends nothing: skip its gradient.
+        # (The vmap backend's device axis is a formality of size 1: device 0's workers.)
+        ids = jnp.arange(num_workers) if backend == "vmap" else worker_ids(workers_per_device)
+        active = starting_workers(opt_state, ids)
+        updates, opt_state, losses = local_step(
+            value_and_grad, local, params, opt_state, batch, active, ids, gradient_slots
+        )
         return optax.apply_updates(params, updates), opt_state, losses
 
     map_devices = device_map(device_step, backend, mesh)

@@ -169,15 +169,23 @@ def test_bandwidth_links_charge_the_bytes_on_the_wire():
 
 
 @pytest.mark.parametrize(
-    ("backend", "devices", "workers"), [("vmap", 1, 16), ("shard_map", 8, 16), ("pmap", 8, 8)]
+    ("backend", "devices", "workers", "slots"),
+    [
+        ("vmap", 1, 16, 3),  # at most 3 gradients per step, more when more workers start
+        ("shard_map", 8, 16, None),
+        ("shard_map", 8, 8, None),  # one worker per device: a busy one is skipped
+        ("pmap", 8, 8, None),
+    ],
 )
-def test_every_layout_runs_the_same_schedule(backend, devices, workers):
+def test_every_layout_runs_the_same_schedule(backend, devices, workers, slots):
+    """Every layout, computing only the gradients of the workers that start a job, gives
+    the run of one device computing every gradient (idle workers report NaN losses)."""
     compute = timing.exponential([1.0 + (i % 4) for i in range(workers)], max_ticks=6)
 
     def loss(params, batch):
         return jnp.mean((batch["x"] @ params - batch["y"]) ** 2)
 
-    def trajectory(layout, num_devices):
+    def trajectory(layout, num_devices, gradient_slots=None):
         tx = fsq.flying_squirrel(
             fsq.adam(0.05),
             num_workers=workers,
@@ -188,20 +196,24 @@ def test_every_layout_runs_the_same_schedule(backend, devices, workers):
             seed=SEED,
         )
         mesh = None if layout == "vmap" else fsq.parallel.make_mesh(num_devices)
-        dp = fsq.parallel.data_parallel(loss, tx, num_workers=workers, backend=layout, mesh=mesh)
+        dp = fsq.parallel.data_parallel(
+            loss, tx, num_workers=workers, backend=layout, mesh=mesh, gradient_slots=gradient_slots
+        )
         state = dp.init(jnp.zeros(3))
         x = jax.random.normal(jax.random.key(0), (workers, 5, 3))
         batch = {"x": x, "y": x @ jnp.array([1.0, -2.0, 0.5])}
-        path = []
+        path, idle = [], []
         for _ in range(12):
-            state, _ = dp.step(state, batch)
+            state, losses = dp.step(state, batch)
             path.append(np.asarray(state.params))
-        return np.stack(path), int(optax.tree.get(state.opt_state, "discarded"))
+            idle.append(np.isnan(np.asarray(losses)))
+        return np.stack(path), np.stack(idle)
 
-    want, _ = trajectory("vmap", 1)
-    got, _ = trajectory(backend, devices)
+    want, _ = trajectory("vmap", 1, gradient_slots=workers)  # every gradient computed
+    got, idle = trajectory(backend, devices, slots)
     assert not np.allclose(want[-1], 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert 0 < idle.mean() < 1  # some workers were busy, some started jobs
 
 
 @pytest.mark.parametrize(

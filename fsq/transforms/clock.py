@@ -182,6 +182,13 @@ def advance(state: Schedule, compute: ComputeModel, policy: Policy, context) -> 
     return state._replace(tick=tick + 1, steps=state.steps + stepped)
 
 
+def starting(state: Schedule) -> jax.Array:
+    """``[W]``: which workers start a job at the coming step of the training loop, so that
+    the loop need not compute the others' gradients (they would not be sent)."""
+    rows = state.arrival.shape[0]
+    return state.arrival[(state.tick - rows + 1) % rows] >= 0
+
+
 def clock(
     compute: ComputeModel, policy: Policy, *, tick_seconds: float = 1.0
 ) -> SendTransformation:
