@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import pathlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -75,16 +76,23 @@ class Record(NamedTuple):
     test_curve: list[float] | None
 
 
+def _nanmean(x: np.ndarray, axis=None) -> np.ndarray:
+    """The mean of what is not NaN (steps where no worker computed a loss); NaN if none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN window: NaN
+        return np.nanmean(x, axis=axis)
+
+
 def final_loss(losses: np.ndarray) -> float:
     """Mean of the last 10% of a run's per-step losses."""
-    return float(np.mean(losses[-max(1, len(losses) // 10) :]))
+    return float(_nanmean(losses[-max(1, len(losses) // 10) :]))
 
 
 def curve(losses: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
     """Means over ``min(points, steps)`` equal windows (the last window takes the rest)."""
     window = max(1, len(losses) // points)
     usable = (len(losses) // window) * window
-    return losses[:usable].reshape(-1, window).mean(-1)
+    return _nanmean(losses[:usable].reshape(-1, window), axis=-1)
 
 
 def has_diverged(losses: np.ndarray) -> bool:

@@ -107,6 +107,7 @@ def train(
     worker_batch_sizes: Sequence[int] | None = None,
     num_devices: int = 1,
     test_points: int = 0,
+    gradient_slots: int | None = None,
 ) -> Outcome:
     """Trains ``task`` with ``make_tx(hyperparameters, seed)`` at every grid point and seed.
 
@@ -128,6 +129,10 @@ def train(
       test_points: evaluate the test loss this many times, evenly (``steps`` must be a
         multiple); 0 for only at the end. Every device evaluates every run: worth it for
         small test sets (the quadratic's is closed form).
+      gradient_slots: with a clock (workers in time), compute at most this many gradients
+        per device and step, of the workers that start a job (see
+        :func:`fsq.parallel.workers_step`); the training loss is then the mean over them
+        (NaN at a step where nobody starts).
 
     Returns:
       An :class:`Outcome`.
@@ -148,23 +153,28 @@ def train(
         params = task.init(init_key)
         ids = fsq.parallel.worker_ids(local)
 
-        def gradient(params, step, index):
-            """Worker ``index``'s loss and gradient at ``step``, on its own minibatch."""
+        def loss(params, worker):
+            """A worker's loss at a step, on its own minibatch (``worker``: its step and id)."""
+            step, index = worker["step"], worker["index"]
             key = jax.random.fold_in(jax.random.fold_in(data_key, step), index)
             mask = (jnp.arange(width) < sizes[index]).astype(jnp.float32)
             if task.sample_shard is None:
                 batch = task.sample(key, width)
             else:
                 batch = task.sample_shard(key, width, index, num_workers)
-            return jax.value_and_grad(mean_loss)(params, batch, mask)
+            return mean_loss(params, batch, mask)
 
         def body(carry, step):
             params, state = carry
-            losses, grads = jax.vmap(gradient, in_axes=(None, None, 0))(params, step, ids)
-            updates, state = workers.update(grads, state, params)
+            worker = {"step": jnp.full(local, step), "index": ids}
+            updates, state, losses = fsq.parallel.workers_step(
+                loss, workers, params, state, worker, ids=ids, slots=gradient_slots
+            )
             delivered = optax.tree.get(state, "delivered")
             stale = optax.tree.get(state, "staleness") * delivered
-            return (optax.apply_updates(params, updates), state), (losses.mean(), stale, delivered)
+            # Workers busy with an earlier job (a clock) computed nothing: NaN losses.
+            mean = jnp.nanmean(losses)
+            return (optax.apply_updates(params, updates), state), (mean, stale, delivered)
 
         def chunk(carry, chunk_steps):
             carry, outputs = jax.lax.scan(body, carry, chunk_steps)

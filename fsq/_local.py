@@ -133,27 +133,47 @@ def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
     return starting(schedules[0])[ids] if schedules else None
 
 
-def local_step(
-    value_and_grad: Callable,
-    local: optax.GradientTransformationExtraArgs,
+def workers_step(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    workers: optax.GradientTransformationExtraArgs,
     params: Any,
     opt_state: Any,
     batch: Any,
-    active: jax.Array | None,
+    *,
     ids: jax.Array,
-    slots: int | None,
+    slots: int | None = None,
 ) -> tuple[Any, Any, jax.Array]:
-    """The losses, gradients and update of a device's workers (``batch`` leaves ``[L,
-    ...]``; ``local`` is :func:`vmap_workers` of the transform).
+    """One step of a device's workers: their losses and gradients, and the update.
 
-    With a clock (``active``, ``[L]`` bool: the workers that start a job now) the busy
-    workers' gradients, which would not be sent, are not computed: one worker alone is
-    skipped by a ``lax.cond``; of ``L`` workers, the smallest of ``slots``, ``2 slots``,
-    ``4 slots``, ... or ``L`` that holds the active ones is mapped (the active ones
-    first, then idle ones to fill it). Idle workers report a NaN loss.
+    ``loss_fn(params, worker_batch)`` is one worker's loss; ``batch`` leaves have a
+    leading axis of the device's ``L`` workers, whose global ids are ``ids``; ``workers``
+    is :func:`vmap_workers` of the transform.
 
-    Returns ``(updates, opt_state, losses)``.
+    With a clock in the transform (:func:`fsq.transforms.clock`), a worker busy with an
+    earlier job sends nothing, so its gradient is not computed: a worker alone on its
+    device is skipped by a ``lax.cond``; of ``L`` workers, the smallest of ``slots``,
+    ``2 slots``, ``4 slots``, ... or ``L`` that holds those that start a job is mapped
+    (they first, idle ones to fill it). Idle workers report a NaN loss.
+
+    Returns:
+      ``(updates, opt_state, losses)``, ``losses`` of shape ``[L]``.
+
+    Example:
+      >>> import jax.numpy as jnp, fsq
+      >>> tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, compute=fsq.timing.fixed([1, 2]))
+      >>> workers = fsq.parallel.vmap_workers(tx, num_workers=2)
+      >>> loss = lambda w, x: jnp.sum((w - x) ** 2)
+      >>> params = jnp.zeros(1)
+      >>> opt_state = workers.init(params)
+      >>> for _ in range(2):
+      ...     _, opt_state, losses = fsq.parallel.workers_step(
+      ...         loss, workers, params, opt_state, jnp.ones((2, 1)), ids=jnp.arange(2))
+      ...     print(losses)  # worker 1 is busy at the second step
+      [1. 1.]
+      [ 1. nan]
     """
+    value_and_grad = jax.value_and_grad(loss_fn)
+    active = starting_workers(opt_state, ids)
     num_local = jax.tree.leaves(batch)[0].shape[0]
     every = jax.vmap(value_and_grad, in_axes=(None, 0))
 
@@ -169,13 +189,13 @@ def local_step(
             return jnp.full(loss.shape, jnp.nan, loss.dtype), optax.tree.zeros_like(grads)
 
         losses, grads = one() if active is None else jax.lax.cond(active[0], one, idle)
-        return (*local.update(grads, opt_state, params), losses)
+        return (*workers.update(grads, opt_state, params), losses)
 
     def all_workers():
         losses, grads = every(params, batch)
         if active is not None:
             losses = jnp.where(active, losses, jnp.nan)
-        return (*local.update(grads, opt_state, params), losses)
+        return (*workers.update(grads, opt_state, params), losses)
 
     if active is None or slots is None or slots >= num_local:
         return all_workers()
@@ -184,11 +204,13 @@ def local_step(
         def run():
             rows = jnp.argsort(~active, stable=True)[:capacity]  # the active ones first
             losses, grads = every(params, jax.tree.map(lambda x: x[rows], batch))
-            updates, new_state = local.update(
+            updates, new_state = workers.update(
                 grads, opt_state, params, rows=rows, worker_ids=ids[rows]
             )
-            losses = jnp.full(num_local, jnp.nan, losses.dtype).at[rows].set(
-                jnp.where(active[rows], losses, jnp.nan)
+            losses = (
+                jnp.full(num_local, jnp.nan, losses.dtype)
+                .at[rows]
+                .set(jnp.where(active[rows], losses, jnp.nan))
             )
             return updates, new_state, losses
 

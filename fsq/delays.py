@@ -32,6 +32,7 @@ __all__ = [
     "Bandwidth",
     "Constant",
     "Categorical",
+    "Transmission",
     "Speeds",
     "Trace",
     "constant",
@@ -202,8 +203,19 @@ class Bandwidth(DelayModel):
     def mean_delay(self) -> float:
         raise ValueError("a Bandwidth link's delays depend on the message: use for_message")
 
-    def for_message(self, num_bytes: int) -> Constant:
-        return constant(self.latency + math.ceil(num_bytes / self.bytes_per_tick))
+    def for_message(self, num_bytes: int) -> Transmission:
+        ticks = math.ceil(num_bytes / self.bytes_per_tick)
+        return Transmission(max_delay=self.latency + ticks, transmission=ticks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transmission(Constant):
+    """A constant transit of ``max_delay`` ticks, of which ``transmission`` occupy the
+    sender's link (a :class:`Bandwidth` link resolved for a message's size): a worker in
+    time (:func:`fsq.transforms.clock`) starts its next job only once its last message
+    has left."""
+
+    transmission: int = 0
 
 
 def bandwidth(bytes_per_tick: float, latency: int = 0) -> Bandwidth:

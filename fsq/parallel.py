@@ -60,7 +60,7 @@ from fsq._layout import (
     per_device,
     worker_ids,
 )
-from fsq._local import WORKER_AXIS, local_step, map_placed, starting_workers, vmap_workers
+from fsq._local import WORKER_AXIS, map_placed, vmap_workers, workers_step
 
 AXIS_NAME = (DEVICE_AXIS, WORKER_AXIS)
 BACKENDS = ("vmap", "shard_map", "pmap")
@@ -153,15 +153,11 @@ def data_parallel(
 
     local = vmap_workers(tx, num_workers=workers_per_device)
 
-    value_and_grad = jax.value_and_grad(loss_fn)
-
     def device_step(params, opt_state, batch):
-        # A worker busy with an earlier job (a clock) sends nothing: skip its gradient.
         # (The vmap backend's device axis is a formality of size 1: device 0's workers.)
         ids = jnp.arange(num_workers) if backend == "vmap" else worker_ids(workers_per_device)
-        active = starting_workers(opt_state, ids)
-        updates, opt_state, losses = local_step(
-            value_and_grad, local, params, opt_state, batch, active, ids, gradient_slots
+        updates, opt_state, losses = workers_step(
+            loss_fn, local, params, opt_state, batch, ids=ids, slots=gradient_slots
         )
         return optax.apply_updates(params, updates), opt_state, losses
 
@@ -239,4 +235,5 @@ __all__ = [
     "per_device",
     "vmap_workers",
     "worker_ids",
+    "workers_step",
 ]

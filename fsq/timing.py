@@ -7,7 +7,9 @@ starts, for a model that varies over time). A link model (:mod:`fsq.delays`) giv
 message a transit time :math:`\ell \ge 0`. A worker free at tick :math:`s` reads
 :math:`w_s`; its gradient arrives at tick :math:`s + c - 1 + \ell`; it is busy during
 ticks :math:`s + 1 .. s + c - 1` and free again at :math:`s + c` (it does not wait for its
-own message). With :math:`c = 1` for every job this is the delay model alone.
+own message; on a link of limited bandwidth, for its message to have left:
+:func:`fsq.transforms.clock`). With :math:`c = 1` for every job this is the delay model
+alone.
 
 A **policy** decides which arriving gradients the inner optimizer steps on, and when:
 

@@ -43,6 +43,7 @@ def simulate(
     size: int = 0,
     rule: Callable[[int], float] | None = None,
     scope: str = "gradient",
+    sending: int = 0,
 ):
     """SGD on the applied gradients of ``policy`` (a name of :mod:`fsq.timing`).
 
@@ -54,6 +55,7 @@ def simulate(
       size: the policy's ``b``, ``B`` or ``R``.
       rule: staleness weight of an applied gradient (of its staleness in inner steps).
       scope: ``"gradient"`` (sum over W) or ``"step"`` (weighted mean, step scaled).
+      sending: ticks a message occupies its worker's link (the worker's next job waits).
 
     Returns:
       ``(trajectory [steps, dim], {"delivered", "discarded", "staleness": [steps]},
@@ -72,7 +74,7 @@ def simulate(
         started[worker] += 1
         job = Job(worker, tick, c, tick + c - 1 + transit(worker, tick), w.copy(), steps_done)
         jobs.append(job)
-        free_at[worker] = tick + c
+        free_at[worker] = tick + c + max(sending - 1, 0)
         return job
 
     for t in range(steps):

@@ -6,7 +6,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fsq
@@ -152,9 +151,10 @@ def test_synchronous_with_one_tick_jobs_is_delay_zero_bitwise():
 
 
 def test_bandwidth_links_charge_the_bytes_on_the_wire():
-    """A dense message of 3 float32 (12 bytes) over 4 bytes per tick takes 3 ticks; top-1
-    of 3 (an index and a value, 8 bytes) 2."""
-    for compressor, transit in ((None, 3), (fsq.compression.top_k(0.3), 2)):
+    """A dense message of 3 float32 (12 bytes) over 4 bytes per tick takes 3 ticks to send,
+    top-1 of 3 (an index and a value, 8 bytes) 2; a worker sends one message at a time, so
+    one-tick jobs are throttled to the link: the first arrive at the transmission's end."""
+    for compressor, sending in ((None, 3), (fsq.compression.top_k(0.3), 2)):
         tx = fsq.flying_squirrel(
             fsq.sgd(LR),
             num_workers=W,
@@ -164,8 +164,22 @@ def test_bandwidth_links_charge_the_bytes_on_the_wire():
             compensation=None,
             compression=compressor,
         )
-        _, metrics, _ = simulation.run(tx, gradients, jnp.zeros(DIM), 8, W)
-        np.testing.assert_array_equal(metrics["delivered"], [0] * transit + [W] * (8 - transit))
+        path, metrics, _ = simulation.run(tx, gradients, jnp.zeros(DIM), 12, W)
+        arrivals = [W if t > 0 and t % sending == 0 else 0 for t in range(12)]
+        np.testing.assert_array_equal(metrics["delivered"], arrivals)
+        if compressor is None:
+            want, *_ = reference_time.simulate(
+                grad_np,
+                num_workers=W,
+                steps=12,
+                lr=LR,
+                dim=DIM,
+                duration=lambda i, j, t: 1,
+                transit=lambda i, t: 3,
+                policy="asynchronous",
+                sending=3,
+            )
+            np.testing.assert_allclose(path, want, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize(

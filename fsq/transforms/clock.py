@@ -4,6 +4,10 @@ Each tick, every worker calls ``update`` with the gradient the loop computed at 
 current parameters; the clock decides what becomes of it (:mod:`fsq.timing`): a worker
 free at tick :math:`s` starts a job with it, which takes :math:`c` ticks to compute and
 :math:`\ell` ticks on the link; a busy worker's gradient is not sent at all (*idle*).
+The worker is free again at :math:`s + c` (it does not wait for its message to arrive),
+or, on a link of limited bandwidth (:func:`fsq.delays.bandwidth`), once the message's
+transmission :math:`x \le \ell` is over, at :math:`s + c - 1 + \max(1, x)`: a worker
+cannot send faster than its link.
 The coordination policy decides whether a job's gradient is applied, and at which tick,
 or discarded.
 
@@ -109,9 +113,12 @@ def _start(state, policy, compute, context, tick):
 
     c, transit = jax.vmap(durations)(workers, state.jobs)
     arrival = tick + c - 1 + transit
+    # Sending occupies the worker's link for the transmission (bytes over bandwidth): it
+    # starts its next job when its computation is done and its message has left.
+    sending = getattr(context.link, "transmission", 0)
     row = tick % state.arrival.shape[0]
     state = state._replace(
-        free_at=jnp.where(start, tick + c, state.free_at),
+        free_at=jnp.where(start, tick + c + max(sending - 1, 0), state.free_at),
         jobs=state.jobs + start,
         arrival=state.arrival.at[row].set(jnp.where(start, arrival, -1)),
         decided=state.decided.at[row].set(PENDING),
