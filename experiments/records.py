@@ -214,6 +214,12 @@ def _field(record: Record, name: str) -> Any:
     return record.hyperparameters.get(name)
 
 
+def timed(record: Record) -> bool:
+    """Whether the run's workers computed in time (a compute profile, :mod:`fsq.timing`):
+    its steps are ticks, and a worker sends only when a job ends."""
+    return "profile" in record.hyperparameters
+
+
 def higher_is_better(record: Record) -> bool:
     return record.test_accuracy is not None
 

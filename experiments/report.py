@@ -48,13 +48,16 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     for name, study in STUDIES.items():
         if name in studies:
             lines += study.section(studies[name])
+    if not any(not records.timed(r) for r in rows):
+        return "\n".join(lines)
     lines += [
         "## Communication",
         "",
         "Bytes each worker sends per step are dense float32 gradients (x3 with delay "
         "compensation's extra channels) or, in the compression study, the compressed "
         "message; the plot puts each configuration's metric, at its "
-        "best learning rate, against the bytes each worker sent over the run.",
+        "best learning rate, against the bytes each worker sent over the run (runs in "
+        "time, whose workers send only when a job ends, are left out).",
         "",
         image("bytes.png", "metric against bytes sent"),
         "",
@@ -63,6 +66,10 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
 
 
 def plot_bytes(rows: list[Record], out: pathlib.Path) -> None:
+    # Workers in time send only when a job ends: their bytes per step are not comparable.
+    rows = [r for r in rows if not records.timed(r)]
+    if not rows:
+        return
     by_task = group(rows, "task")
     plt, fig, axes = figure(len(by_task))
     for ax, (task, runs) in zip(axes, by_task.items(), strict=True):

@@ -115,7 +115,9 @@ def flying_squirrel(
         :math:`\lambda \ge 0` (DC-ASGD-c), ``"adaptive"`` (DC-ASGD-a with
         :math:`\lambda_0 = 1`, the default) or :func:`fsq.compensation.adaptive`. It
         needs ``params`` in ``update`` and triples the in-flight buffer and the bytes of
-        the all-reduce; with ``max_delay`` 0 it is exactly zero and is skipped.
+        the all-reduce; where no applied gradient can be stale (``max_delay`` 0, or a
+        policy that applies only fresh gradients: synchronous, backup, Rennala) it is
+        exactly zero and is skipped.
       staleness: a staleness-aware step-size rule: ``None`` (off), ``"weighted_step"``
         (:math:`\tau_C = 3`, the default), ``"inverse"``, ``"delay_adaptive"``, a
         :class:`fsq.staleness.StalenessRule` or a callable ``tau -> scale``
@@ -211,13 +213,15 @@ def flying_squirrel(
         model = model.balanced()
     rule = _staleness.resolve(staleness, model)
     config = _compensation.resolve(compensation)
-    if model.max_delay == 0:  # then w_t == w_s: compensation is identically zero
-        config = None
     robust = _aggregation.resolve(aggregation)
 
     policy = _timing.resolve(policy)
+    clocked = compute is not None or policy != _timing.asynchronous()
+    # Without staleness w_t == w_s: compensation is identically zero, and skipped.
+    if not (policy.applies_stale if clocked else model.max_delay > 0):
+        config = None
     send = []
-    if compute is not None or policy != _timing.asynchronous():
+    if clocked:
         every_tick = _timing.fixed([1] * num_workers)
         send.append(transforms.clock(compute or every_tick, policy, tick_seconds=tick_seconds))
     if fault_model is not None:

@@ -265,6 +265,12 @@ class Policy:
         """Whether every worker starts together, in rounds (synchronous, backup)."""
         return self.name in ("synchronous", "backup")
 
+    @property
+    def applies_stale(self) -> bool:
+        """Whether an applied gradient can be stale: those of a round, or of Rennala's
+        batch, are applied before any other step."""
+        return self.name in ("asynchronous", "ringmaster")
+
 
 def resolve(policy: str | Policy) -> Policy:
     """A policy, or the name of one that takes no size (``"asynchronous"``, ``"synchronous"``)."""

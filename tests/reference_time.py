@@ -112,7 +112,9 @@ def simulate(
         metrics["delivered"][t] = len(applied)
         metrics["discarded"][t] = len(discarded)
         if applied:
-            weights = [rule(j.staleness) if rule else 1.0 for j in applied]
+            # A step is on the mean of what it applies: W - b (backup) or B (Rennala).
+            share = W / len(applied) if policy in ("backup", "rennala") else 1.0
+            weights = [share * (rule(j.staleness) if rule else 1.0) for j in applied]
             total = sum(a * grad(j.worker, j.params) for a, j in zip(weights, applied, strict=True))
             if scope == "step":
                 w = w - (sum(weights) / W) * lr * total / sum(weights)

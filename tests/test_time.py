@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fsq
@@ -262,3 +263,28 @@ def test_a_batch_larger_than_the_workers_is_refused():
     )
     with pytest.raises(ValueError, match="at most num_workers=2"):
         fsq.parallel.vmap_workers(tx, num_workers=2).init(jnp.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("policy", "stale"),
+    [
+        ("asynchronous", True),
+        (timing.ringmaster(2), True),
+        ("synchronous", False),
+        (timing.backup(1), False),
+        (timing.rennala(2), False),
+    ],
+)
+def test_delay_compensation_is_on_where_applied_gradients_can_be_stale(policy, stale):
+    """The default's compensation sends 3 channels where a policy applies stale gradients
+    (even over a free link: compute time makes them stale), and is skipped where every
+    applied gradient is fresh (it would add only rounding)."""
+    tx = fsq.flying_squirrel(
+        fsq.sgd(LR), num_workers=W, compute=COMPUTE["fixed"], policy=policy, staleness=None
+    )
+    init = jax.vmap(tx.init, axis_size=W, in_axes=None, axis_name="workers")
+    state = init(jnp.zeros(DIM))
+    width = state.in_flight.slots.shape[-1] - len(fsq.transforms.Totals._fields)
+    assert width == (3 if stale else 1) * DIM
+    # The state's metrics stay reachable by name with a clock in it.
+    assert jax.tree.leaves(optax.tree.get(state, "staleness"))[0].shape == (W,)

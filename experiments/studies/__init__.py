@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from experiments import records
-from experiments.studies import anchors, classic, compression, faults, staleness, workers
+from experiments.studies import (
+    anchors,
+    classic,
+    compression,
+    faults,
+    staleness,
+    wallclock,
+    workers,
+)
 from experiments.studies.base import SCALES, Settings
 
 
@@ -27,7 +35,7 @@ class Study(NamedTuple):
 
 STUDIES: dict[str, Study] = {
     module.NAME: Study(module.run, module.section, getattr(module, "plot", None))
-    for module in (classic, staleness, workers, anchors, compression, faults)
+    for module in (classic, staleness, workers, wallclock, anchors, compression, faults)
 }
 
 __all__ = ["SCALES", "STUDIES", "Settings", "Study"]

@@ -19,7 +19,7 @@ import numpy as np
 from experiments import records, tasks, training
 from experiments.presentation import batch, figure, image, save, table_block
 from experiments.records import Record, group
-from experiments.studies import base
+from experiments.studies import base, wallclock
 
 NAME = "workers"
 INNER = "sgd"
@@ -28,20 +28,36 @@ TEST_POINTS = 50
 
 class Size(NamedTuple):
     """Per scale: ``{task: (steps, batch per worker, test-loss target, learning rates)}``,
-    the worker counts and the seeds."""
+    the worker counts, the seeds, and per task the size of the runs in time."""
 
     tasks: dict[str, tuple[int, int, float, int]]
     worker_counts: tuple[int, ...]
     seeds: int
+    in_time: dict[str, wallclock.TaskSize]
 
 
 SIZES = {
     "full": Size(
-        {"quadratic": (3000, 1, 0.6, 7), "mlp": (1000, 4, 1.6, 5)}, (1, 2, 4, 8, 16, 32), 2
+        {"quadratic": (3000, 1, 0.6, 7), "mlp": (1000, 4, 1.6, 5)},
+        (1, 2, 4, 8, 16, 32),
+        2,
+        {
+            "quadratic": wallclock.TaskSize(300, 1, 0.3, 4),
+            "mlp": wallclock.TaskSize(100, 4, 1.0, 3),
+        },
     ),
-    "quick": Size({"quadratic": (2000, 1, 0.7, 5)}, (1, 2, 4, 8, 16), 2),
-    "tiny": Size({"quadratic": (50, 4, 8.0, 2)}, (1, 2), 1),
+    "quick": Size(
+        {"quadratic": (2000, 1, 0.7, 5)},
+        (1, 2, 4, 8, 16),
+        2,
+        {"quadratic": wallclock.TaskSize(150, 1, 0.3, 3)},
+    ),
+    "tiny": Size(
+        {"quadratic": (50, 4, 8.0, 2)}, (1, 2), 1, {"quadratic": wallclock.TaskSize(10, 2, 0.1, 1)}
+    ),
 }
+IN_TIME = ("synchronous", "flying squirrel")  # the methods run in time
+PROFILE = "exponential"  # their workers' compute times: random, a mean of 1 s
 
 
 def describe(values: dict) -> records.Run:
@@ -88,7 +104,16 @@ def run(settings: base.Settings) -> list[records.Record]:
         out += records.from_outcome(
             outcome, task, study=NAME, workers=workers, describe=describe, target_loss=target
         )
+        # The same workers in time: random compute times, to a target in seconds.
+        comparison = wallclock.Comparison(task_name, workers, (PROFILE,), IN_TIME)
+        timed = wallclock.Size((comparison,), size.in_time, size.seeds)
+        out += wallclock.compare(comparison, PROFILE, timed, settings, study=NAME)
     return out
+
+
+def split(rows: list[Record]) -> tuple[list[Record], list[Record]]:
+    """The runs counted in steps, and those in time."""
+    return [r for r in rows if not records.timed(r)], [r for r in rows if records.timed(r)]
 
 
 def steps_to_target(rows: Sequence[Record]) -> float:
@@ -110,6 +135,7 @@ def speedups(rows: list[Record]) -> dict[tuple[str, str], dict[int, tuple[float,
 
 
 def section(rows: list[Record]) -> list[str]:
+    rows, timed = split(rows)
     lines = [
         "## Workers: speed-up",
         "",
@@ -142,10 +168,33 @@ def section(rows: list[Record]) -> list[str]:
             f"{sample.target_loss}, {sample.steps} steps):",
             table,
         )
+    curves = wallclock.speedups(timed)
+    if curves:
+        lines += [
+            "**In wall-clock time.** Above, every worker computes one gradient per step, so "
+            "a step is the same time for both methods and asynchrony can only lose: it pays "
+            "staleness and gains no speed. Below, the same workers take random times "
+            "(exponential, a mean of 1 s; `fsq.timing`): synchronous training waits for the "
+            "slowest worker of each round, Flying Squirrel for none. Speed-up: seconds for "
+            "synchronous training at the smallest `W` to reach its own final test loss, over "
+            "each method's seconds to reach it (best learning rate per `W`, mean test loss "
+            "over seeds; the time study has the protocol).",
+            "",
+            image("workers_time.png", "wall-clock speed-up against workers"),
+            "",
+        ]
+        for (task, _), by_method in curves.items():
+            ws = sorted({w for c in by_method.values() for w in c})
+            table = [
+                {"W": w} | {m: "-" if not c.get(w) else f"{c[w]:.2f}" for m, c in by_method.items()}
+                for w in ws
+            ]
+            lines += table_block(f"**{task}**, wall-clock speed-up:", table)
     return lines
 
 
 def plot(rows: list[Record], out: pathlib.Path) -> None:
+    rows, timed = split(rows)
     by_task: dict[str, dict] = {}
     for (task, method), by_w in speedups(rows).items():
         by_task.setdefault(task, {})[method] = by_w
@@ -164,3 +213,6 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
         ax.set_title(task)
     axes[0].legend(fontsize=7)
     save(plt, fig, out / "workers.png")
+    curves = wallclock.speedups(timed)
+    if curves:
+        wallclock.plot_speedups(curves, out / "workers_time.png")

@@ -54,7 +54,8 @@ class Schedule(NamedTuple):
       arrival: ``[S, W]``, the tick the job read at the row's tick arrives (-1: none).
       decided: ``[S, W]``, the tick it is applied or discarded (-1: not yet).
       applied: ``[S, W]``, whether it is applied.
-      staleness: ``[S, W]``, its inner steps between read and apply.
+      job_staleness: ``[S, W]``, its inner steps between read and apply (named apart
+        from :attr:`fsq.FlyingSquirrelState.staleness`, for ``optax.tree.get``).
       duration: ``[S, W]``, its compute ticks.
       read_steps: ``[S]``, the inner steps before each row's tick.
       steps: the inner steps before :math:`T`.
@@ -75,7 +76,7 @@ class Schedule(NamedTuple):
     arrival: jax.Array
     decided: jax.Array
     applied: jax.Array
-    staleness: jax.Array
+    job_staleness: jax.Array
     duration: jax.Array
     read_steps: jax.Array
     steps: jax.Array
@@ -123,7 +124,7 @@ def _start(state, policy, compute, context, tick):
         arrival=state.arrival.at[row].set(jnp.where(start, arrival, -1)),
         decided=state.decided.at[row].set(PENDING),
         applied=state.applied.at[row].set(False),
-        staleness=state.staleness.at[row].set(0),
+        job_staleness=state.job_staleness.at[row].set(0),
         duration=state.duration.at[row].set(jnp.where(start, c, 0)),
         read_steps=state.read_steps.at[row].set(state.steps),
     )
@@ -154,7 +155,7 @@ def _decide(state, policy, tick):
         return state._replace(
             decided=jnp.where(arrives, tick, state.decided),
             applied=jnp.where(arrives, applied, state.applied),
-            staleness=jnp.where(arrives, staleness, state.staleness),
+            job_staleness=jnp.where(arrives, staleness, state.job_staleness),
         )
     if policy.name != "rennala":
         return state  # rounds were decided when they started
@@ -179,6 +180,17 @@ def _decide(state, policy, tick):
         applied=state.applied | taken,
         collected=jnp.where(full, 0, collected),
     )
+
+
+def share(policy: Policy, num_workers: int) -> float:
+    """The weight of an applied gradient, so that a step is on the mean of the gradients it
+    applies: :math:`W / (W - b)` for backup workers, :math:`W / B` for Rennala (the
+    delivered sum is normalised by :math:`W`), else 1."""
+    if policy.name == "backup":
+        return num_workers / (num_workers - policy.size)
+    if policy.name == "rennala":
+        return num_workers / policy.size
+    return 1.0
 
 
 def advance(state: Schedule, compute: ComputeModel, policy: Policy, context) -> Schedule:
@@ -292,7 +304,8 @@ def clock(
         low = context.link.min_delay + compute.min_ticks - 1  # a delay the ring can hold
         message = message._replace(
             delay=jnp.where(started[mine], fate[mine] - context.step, low).astype(jnp.int32),
-            staleness=state.staleness[row, mine],
+            staleness=state.job_staleness[row, mine],
+            weight=message.weight * share(policy, context.num_workers),
         ).mark(status, status > Status.SENT)
         # The metrics, tick by tick in the loop's time: who computes now, and for what.
         until = jnp.where(started, context.step + state.duration[row], state.busy_until)
