@@ -78,6 +78,16 @@ def save(plt, fig, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def speedup_axes(ax) -> None:
+    """Workers against speed-up, both on base-2 log scales with plain numbers (4, not 2^2)."""
+    from matplotlib.ticker import FuncFormatter
+
+    for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
+        scale("log", base=2)
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_xlabel("workers W")
+
+
 def plotted(rows: Sequence[Record]) -> float:
     """The mean headline metric in plot units; not plotted (NaN) if every run diverged."""
     if all(r.diverged for r in rows):

@@ -20,8 +20,8 @@ A **policy** decides which arriving gradients the inner optimizer steps on, and 
   wall-clock time is the sum of the rounds' maxima.
 - :func:`backup` — synchronous with :math:`b` backup workers (Chen, Pan, Monga, Bengio and
   Jozefowicz, *Revisiting Distributed Synchronous SGD*, 2016): a round ends at the first
-  :math:`W - b` arrivals; the others are discarded and their workers restart with the
-  next round.
+  :math:`W - b` arrivals, with one step on their mean; the others are discarded and
+  their workers restart with the next round.
 - :func:`rennala` — Rennala SGD (Tyurin and Richtárik, *Optimal Time Complexities of
   Parallel Stochastic Optimization Methods Under a Fixed Computation Model*, NeurIPS
   2023): workers compute without pause; gradients computed at the current parameters

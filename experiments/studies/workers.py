@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from experiments import records, tasks, training
-from experiments.presentation import batch, figure, image, save, table_block
+from experiments.presentation import batch, figure, image, save, speedup_axes, table_block
 from experiments.records import Record, group
 from experiments.studies import base, wallclock
 
@@ -206,9 +206,7 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
             ax.plot(ws, [base / by_w[w][1] for w in ws], marker="o", label=method)
         ws = sorted({w for by_w in methods.values() for w in by_w})
         ax.plot(ws, [w / ws[0] for w in ws], color="gray", linestyle="--", label="linear")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("workers W")
+        speedup_axes(ax)
         ax.set_ylabel("speed-up in steps to target")
         ax.set_title(task)
     axes[0].legend(fontsize=7)
