@@ -44,8 +44,9 @@ def simulate(
     rule: Callable[[int], float] | None = None,
     scope: str = "gradient",
     sending: int = 0,
+    compensation: float = 0.0,
 ):
-    """SGD on the applied gradients of ``policy`` (a name of :mod:`fsq.timing`).
+    r"""SGD on the applied gradients of ``policy`` (a name of :mod:`fsq.timing`).
 
     Args:
       grad: ``(worker, w) -> gradient``.
@@ -56,6 +57,8 @@ def simulate(
       rule: staleness weight of an applied gradient (of its staleness in inner steps).
       scope: ``"gradient"`` (sum over W) or ``"step"`` (weighted mean, step scaled).
       sending: ticks a message occupies its worker's link (the worker's next job waits).
+      compensation: DC-ASGD's constant :math:`\lambda`: an applied gradient :math:`g`,
+        read at :math:`w_s`, becomes :math:`g + \lambda g \odot g \odot (w_t - w_s)`.
 
     Returns:
       ``(trajectory [steps, dim], {"delivered", "discarded", "staleness": [steps]},
@@ -115,7 +118,14 @@ def simulate(
             # A step is on the mean of what it applies: W - b (backup) or B (Rennala).
             share = W / len(applied) if policy in ("backup", "rennala") else 1.0
             weights = [share * (rule(j.staleness) if rule else 1.0) for j in applied]
-            total = sum(a * grad(j.worker, j.params) for a, j in zip(weights, applied, strict=True))
+
+            grads = [grad(j.worker, j.params) for j in applied]
+            # DC-ASGD: corrected by how far the parameters moved since the job read them.
+            grads = [
+                g + compensation * g * g * (w - j.params)
+                for g, j in zip(grads, applied, strict=True)
+            ]
+            total = sum(a * g for a, g in zip(weights, grads, strict=True))
             if scope == "step":
                 w = w - (sum(weights) / W) * lr * total / sum(weights)
             else:

@@ -109,6 +109,28 @@ def test_policies_match_the_event_simulation(policy, compute):
         assert counts["discarded"].sum() > 0  # the policy had something to decide
 
 
+@pytest.mark.parametrize("policy", ["asynchronous", "ringmaster"])
+def test_delay_compensation_corrects_by_the_parameters_a_job_read(policy):
+    """DC-ASGD under a clock: a gradient is corrected by how far the parameters moved
+    between the tick its job read them and the tick it is applied (busy ticks between)."""
+    strength = 0.5
+    path, metrics, _ = run(
+        COMPUTE["fixed"],
+        LINKS["uniform"],
+        POLICIES[policy],
+        send=[T.compensation_channels()],
+        deliver=[T.compensate(fsq.compensation.constant(strength))],
+    )
+    want, counts, _ = expected(
+        COMPUTE["fixed"], LINKS["uniform"], POLICIES[policy], compensation=strength
+    )
+    np.testing.assert_allclose(path, want, rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(metrics["delivered"], counts["delivered"])
+    # The correction mattered: without it the trajectory is another one.
+    plain, *_ = expected(COMPUTE["fixed"], LINKS["uniform"], POLICIES[policy])
+    assert np.abs(plain - want).max() > 1e-3
+
+
 def test_utilisation_and_busy_time_by_hand():
     """fixed([1, 2, 3, 5]), synchronous: rounds of 5 ticks, 11 of 20 worker-ticks computing."""
     _, _, state = run(COMPUTE["fixed"], LINKS["free"], POLICIES["synchronous"])
