@@ -641,13 +641,7 @@ def section(rows: list[Record]) -> list[str]:
             "",
         ]
         for (task, prof), by_method in curves.items():
-            ws = sorted({w for c in by_method.values() for w in c})
-            table = [
-                {"method": m}
-                | {f"W = {w}": "-" if w not in c or c[w] == 0 else f"{c[w]:.2f}" for w in ws}
-                for m, c in by_method.items()
-            ]
-            lines += table_block(f"{task}, {prof}:", table)
+            lines += table_block(f"{task}, {prof}:", speedup_table(by_method))
     theory_rows = theory(rows)
     if theory_rows:
         lines += table_block(
@@ -662,6 +656,15 @@ def section(rows: list[Record]) -> list[str]:
         )
     lines += [image("time.png", "test loss against simulated seconds"), ""]
     return lines
+
+
+def speedup_table(by_method: dict[str, dict[int, float]]) -> list[dict]:
+    """Rows per ``W`` of :func:`speedups`' curves, a column per method (``-``: not
+    reached)."""
+    ws = sorted({w for c in by_method.values() for w in c})
+    return [
+        {"W": w} | {m: f"{c[w]:.2f}" if c.get(w) else "-" for m, c in by_method.items()} for w in ws
+    ]
 
 
 def _times(ratio: float) -> str:

@@ -184,12 +184,9 @@ def section(rows: list[Record]) -> list[str]:
             "",
         ]
         for (task, _), by_method in curves.items():
-            ws = sorted({w for c in by_method.values() for w in c})
-            table = [
-                {"W": w} | {m: "-" if not c.get(w) else f"{c[w]:.2f}" for m, c in by_method.items()}
-                for w in ws
-            ]
-            lines += table_block(f"**{task}**, wall-clock speed-up:", table)
+            lines += table_block(
+                f"**{task}**, wall-clock speed-up:", wallclock.speedup_table(by_method)
+            )
     return lines
 
 
