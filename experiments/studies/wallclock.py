@@ -587,9 +587,10 @@ def section(rows: list[Record]) -> list[str]:
     for (task, w, link_name), profiles in by_table.items():
         methods = list(dict.fromkeys(m for _, res in profiles.values() for m in res))
         sample = next(r for r in rows if r.task == task and r.workers == w)
+        examples = sample.hyperparameters["batch_size"]
         caption = (
             f"**{task}, W = {w}{', slow link' if link_name == 'slow' else ''}** "
-            f"({sample.hyperparameters['batch_size']} examples per gradient, "
+            f"({examples} example{'s' if examples > 1 else ''} per gradient, "
             f"{sample.hyperparameters['rounds']} synchronous rounds; target test loss: "
             + ", ".join(f"{p} {t:.4g}" for p, (t, _) in profiles.items())
             + "):"
