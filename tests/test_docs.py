@@ -77,7 +77,7 @@ def test_api_reference_documents_every_public_name(built_docs):
     assert {"fsq.adam", "fsq.delays.uniform", "fsq.staleness.weighted_step"} <= documented
 
 
-@pytest.mark.parametrize("page", ["concepts.md", "assemble.md", "time.md"])
+@pytest.mark.parametrize("page", ["concepts.md", "assemble.md", "time.md", "checkpointing.md"])
 def test_the_code_of_a_page_runs(page):
     """The pages that show assemblies run their code blocks, in order, as written."""
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.DOTALL)
