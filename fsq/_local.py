@@ -133,6 +133,17 @@ def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
     return starting(schedules[0])[ids] if schedules else None
 
 
+def check_scalar_loss(loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any) -> None:
+    """Raises a ``TypeError`` naming the fix unless ``loss_fn`` returns one scalar."""
+    out = jax.eval_shape(loss_fn, params, worker_batch)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        raise TypeError(
+            "loss_fn must return one scalar loss for one worker's batch, got "
+            f"{jax.tree.map(lambda x: x.shape, out)}: return the loss alone (compute metrics "
+            "such as accuracy apart, e.g. jax.vmap over the workers' batches)"
+        )
+
+
 def workers_step(
     loss_fn: Callable[[Any, Any], jax.Array],
     workers: optax.GradientTransformationExtraArgs,
@@ -172,6 +183,7 @@ def workers_step(
       [1. 1.]
       [ 1. nan]
     """
+    check_scalar_loss(loss_fn, params, jax.tree.map(lambda x: x[0], batch))
     value_and_grad = jax.value_and_grad(loss_fn)
     active = starting_workers(opt_state, ids)
     num_local = jax.tree.leaves(batch)[0].shape[0]

@@ -174,6 +174,18 @@ def test_composes_in_optax_chain():
     assert not np.allclose(state.params["w2"], before)
 
 
+@pytest.mark.parametrize("backend", ["vmap", "shard_map"])
+def test_a_loss_with_metrics_is_refused_with_the_fix(backend):
+    """``(loss, metrics)`` would fail deep in JAX's grad ("Gradient only defined for
+    scalar-output functions"): the step names what to return instead."""
+    tx = squirrel(8, fsq.parallel.AXIS_NAME)
+    dp = fsq.parallel.data_parallel(
+        lambda p, b: (mlp_loss(p, b), {"accuracy": 0.0}), tx, num_workers=8, backend=backend
+    )
+    with pytest.raises(TypeError, match="loss_fn must return one scalar loss"):
+        dp.step(dp.init(init_params()), make_data(8))
+
+
 def test_workers_must_divide_evenly_over_devices():
     tx = squirrel(12, fsq.parallel.AXIS_NAME)
     with pytest.raises(ValueError, match="num_workers=12 must be a multiple"):
