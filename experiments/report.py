@@ -48,7 +48,7 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     for name, study in STUDIES.items():
         if name in studies:
             lines += study.section(studies[name])
-    if not any(not records.timed(r) for r in rows):
+    if all(records.timed(r) for r in rows):
         return "\n".join(lines)
     lines += [
         "## Communication",

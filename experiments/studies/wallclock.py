@@ -18,9 +18,11 @@ Rennala SGD (Tyurin and Richtárik 2023), Ringmaster ASGD (Maranjyan et al. 2025
 asynchronous SGD, delay-adaptive asynchronous SGD (Koloskova et al. 2022, Mishchenko et
 al. 2022: :math:`\tau_C = W`) and Flying Squirrel with its defaults, all over SGD.
 
-Protocol: per task, ``W``, profile and link, synchronous training runs ``R`` rounds; its
-final test loss (the mean over seeds, at its best learning rate) is the *target*, and the
-simulated seconds of its ``R`` rounds the *budget* every method gets. The test loss is
+Protocol: per task, ``W`` and profile, synchronous training runs ``R`` rounds; its final
+test loss (the mean over seeds, at its best learning rate, on a free link) is the
+*target*, on a slow link too. The *budget* every method gets is the ticks of ``R``
+synchronous rounds with the profile's durations drawn once (seed 0; exact for fixed
+profiles, a typical draw for random ones), rounded up to 100 ticks. The test loss is
 evaluated 100 times per run; a method's *time to target* is the first evaluation at which
 its mean test loss over seeds is at or below the target, at its best learning rate (and
 batch :math:`B` or threshold :math:`R` for Rennala and Ringmaster) of a small grid. A
@@ -45,7 +47,7 @@ import fsq
 from experiments import records, tasks, training
 from experiments.presentation import figure, image, save, speedup_axes, table_block
 from experiments.records import Record, group
-from experiments.studies import base
+from experiments.studies import base, compression
 
 NAME = "time"
 INNER = "sgd"
@@ -53,6 +55,7 @@ TEST_POINTS = 100
 SLOW = 10  # how many times slower a straggler (or a throttled worker) is
 LINK_SLOWDOWN = 5  # mean compute times to send a dense gradient on the slow link
 TOP_K = " + top-k 1% + EF"
+TOP_K_COMPRESSOR = fsq.compression.top_k(0.01)
 
 PROFILES = ("homogeneous", "sqrt", "exponential", "straggler", "time-varying")
 METHODS = (
@@ -64,7 +67,7 @@ METHODS = (
     "delay-adaptive async",
     "flying squirrel",
 )
-SIZED = ("backup", "rennala", "ringmaster")  # the methods with a size (b, B or R)
+BASELINES = ("backup", "rennala", "ringmaster")  # the methods with a size (b, B or R)
 
 
 class Comparison(NamedTuple):
@@ -196,14 +199,21 @@ def link(name: str, task_name: str, compute: fsq.timing.ComputeModel) -> fsq.del
     if name == "free":
         return fsq.delays.constant(0)
     mean = np.mean([compute.mean_ticks(i) for i in range(compute.num_workers)])
-    dense = fsq.compression.dense_bytes(leaf_sizes(task_name))
-    return fsq.delays.bandwidth(dense / (LINK_SLOWDOWN * mean))
+    return fsq.delays.bandwidth(dense_bytes(task_name) / (LINK_SLOWDOWN * mean))
 
 
 @functools.cache
 def leaf_sizes(task_name: str) -> tuple[int, ...]:
-    shapes = jax.eval_shape(tasks.get(task_name).init, jax.random.key(0))
-    return tuple(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return tuple(compression.leaf_sizes(tasks.get(task_name)))
+
+
+def dense_bytes(task_name: str) -> int:
+    return fsq.compression.dense_bytes(leaf_sizes(task_name))
+
+
+def starts_per_tick(compute: fsq.timing.ComputeModel) -> float:
+    """Jobs the cluster starts per tick with every worker busy: the sum of 1 / mean ticks."""
+    return sum(1 / compute.mean_ticks(i) for i in range(compute.num_workers))
 
 
 def sizes(method: str, workers: int, fractions: Sequence[float]) -> tuple[int, ...]:
@@ -211,7 +221,7 @@ def sizes(method: str, workers: int, fractions: Sequence[float]) -> tuple[int, .
     Ringmaster's threshold a fraction of ``W``; 0 for the others."""
     if method == "backup":
         return (max(1, workers // 8),)
-    if method in ("rennala", "ringmaster"):
+    if method in BASELINES:
         return tuple(sorted({max(1, round(f * workers)) for f in fractions}))
     return (0,)
 
@@ -252,7 +262,7 @@ def transform(
         compute=timing.compute,
         policy=policies.get(name) or "asynchronous",
         tick_seconds=timing.tick_seconds,
-        compression=fsq.compression.top_k(0.01) if compressed else None,
+        compression=TOP_K_COMPRESSOR if compressed else None,
         **kwargs,
     )
 
@@ -301,12 +311,12 @@ def compare(
     workers = comparison.workers
     timing = profile(profile_name, workers, task_size.rounds)
     delay = link(comparison.link, comparison.task, timing.compute)
-    dense = fsq.compression.dense_bytes(leaf_sizes(comparison.task))
+    dense = dense_bytes(comparison.task)
     transit = delay.for_message(dense).max_delay if comparison.link != "free" else 0
     ticks = synchronous_ticks(timing.compute, task_size.rounds, transit)
     ticks = -(-ticks // TEST_POINTS) * TEST_POINTS
-    # Compute only the workers that start a job: about sum(1 / c) per tick.
-    slots = math.ceil(sum(1 / timing.compute.mean_ticks(i) for i in range(workers)))
+    # Compute only the workers that start a job.
+    slots = math.ceil(starts_per_tick(timing.compute))
     label = profile_name if comparison.link == "free" else f"{profile_name}, slow link"
     out = []
     for method in comparison.methods:
@@ -330,7 +340,7 @@ def compare(
                 test_points=TEST_POINTS,
                 gradient_slots=slots,
             )
-            sent = fsq.compression.top_k(0.01).payload_bytes(leaf_sizes(comparison.task))
+            sent = TOP_K_COMPRESSOR.payload_bytes(leaf_sizes(comparison.task))
             compressed = sent if TOP_K in method else None
             channels = 3 if method == "flying squirrel" else 1  # compensation's channels
 
@@ -521,7 +531,7 @@ def throughput_ratio(workers: int, prof: str, rounds: int) -> float:
     worker busy): the time ratio if every gradient were worth the same."""
     timing = profile(prof, workers, rounds)
     sync = workers * rounds / synchronous_ticks(timing.compute, rounds, 0)
-    return sync / sum(1 / timing.compute.mean_ticks(i) for i in range(workers))
+    return sync / starts_per_tick(timing.compute)
 
 
 def _ratio(result: Result, reference: Result) -> float:
@@ -543,21 +553,20 @@ def _grid_point(method: str, result: Result) -> str:
 def speedups(rows: list[Record]) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
     """Per (task, profile) run at several ``W`` on a free link: each method's wall-clock
     speed-up over synchronous training at the smallest ``W``, to that run's target."""
-    found = {k: v for k, v in results(rows).items() if k[3] == "free"}
-    out: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    free = {k: v for k, v in settings_of(rows).items() if k[3] == "free"}
     by_curve: dict[tuple[str, str], list[int]] = {}
-    for task, w, prof, _ in found:
+    for task, w, prof, _ in free:
         by_curve.setdefault((task, prof), []).append(w)
+    out: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for (task, prof), ws in by_curve.items():
         if len(ws) < 2:
             continue
-        smallest = min(ws)
-        target, reference = found[(task, smallest, prof, "free")]
-        base_time = reference["synchronous"].seconds
+        reference = free[(task, min(ws), prof, "free")]["synchronous"]
+        target = target_of(reference)
+        base_time = best(reference, target).seconds
         curves: dict[str, dict[int, float]] = {}
         for w in sorted(ws):
-            methods = settings_of(rows)[(task, w, prof, "free")]
-            for m, runs in methods.items():
+            for m, runs in free[(task, w, prof, "free")].items():
                 curves.setdefault(m, {})[w] = base_time / best(runs, target).seconds
         out[(task, prof)] = curves
     return out
@@ -568,9 +577,11 @@ def section(rows: list[Record]) -> list[str]:
         "## Time: wall-clock to a target",
         "",
         "Workers compute at their own pace and every method runs in one simulator "
-        "(`fsq.transforms.clock`). Per task, `W`, profile and link, synchronous training "
-        "runs its rounds; its final test loss (mean over seeds, best learning rate) is the "
-        "target, and its simulated seconds the budget of every method. Cells: seconds until "
+        "(`fsq.transforms.clock`). Per task, `W` and profile, synchronous training runs its "
+        "rounds; its final test loss (mean over seeds, best learning rate, free link) is the "
+        "target, on a slow link too; the budget of every method is those rounds' ticks "
+        "(durations drawn once: exact for fixed profiles), rounded up to 100. Cells: "
+        "seconds until "
         "the seed-mean test loss (evaluated 100 times per run) reaches the target, at the "
         "method's best grid point, and the ratio to synchronous training (below 1: "
         "faster); `-`: not within the budget. Profiles: homogeneous (1 s, 10% spread), "
@@ -679,7 +690,7 @@ def _compression_cell(compressed: Result, dense: Result) -> str:
 
 
 def _summary(prof: str, res: dict[str, Result], workers: int, rounds: int) -> dict:
-    baselines = [res[m] for m in ("backup", "rennala", "ringmaster") if m in res]
+    baselines = [res[m] for m in BASELINES if m in res]
     ours = res["flying squirrel"]
     fastest = min((r.seconds for r in baselines), default=math.inf)
     return {
