@@ -183,6 +183,8 @@ def workers_step(
       [1. 1.]
       [ 1. nan]
     """
+    if slots is not None:
+        slots = _checks.integer("gradient_slots", slots, low=1)
     check_scalar_loss(loss_fn, params, jax.tree.map(lambda x: x[0], batch))
     value_and_grad = jax.value_and_grad(loss_fn)
     active = starting_workers(opt_state, ids)

@@ -135,6 +135,8 @@ def data_parallel(
       A :class:`DataParallel` with ``init`` and ``step``.
     """
     num_workers = _checks.integer("num_workers", num_workers, low=1)
+    if gradient_slots is not None:
+        gradient_slots = _checks.integer("gradient_slots", gradient_slots, low=1)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "vmap":

@@ -216,9 +216,11 @@ def flying_squirrel(
     robust = _aggregation.resolve(aggregation)
 
     policy = _timing.resolve(policy)
+    _checks.positive("tick_seconds", tick_seconds)
     clocked = compute is not None or policy != _timing.asynchronous()
-    # Without staleness w_t == w_s: compensation is identically zero, and skipped.
-    if not (policy.applies_stale if clocked else model.max_delay > 0):
+    # Without staleness w_t == w_s: compensation is identically zero, and skipped. (A
+    # message has at least a byte: on a bandwidth link even latency 0 delays it.)
+    if not (policy.applies_stale if clocked else model.for_message(1).max_delay > 0):
         config = None
     send = []
     if clocked:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -184,9 +185,14 @@ class Slowdown(ComputeModel):
         return self.base.mean_ticks(worker)
 
 
-def _ticks(name: str, values: Sequence[float], low: float = 1.0) -> tuple[float, ...]:
+def _sequence(name: str, values: Any) -> Sequence:
     if isinstance(values, str) or not isinstance(values, Sequence | np.ndarray) or not len(values):
-        raise TypeError(f"{name} must be a non-empty sequence, one entry per worker")
+        raise TypeError(f"{name} must be a non-empty sequence, got {values!r}")
+    return values
+
+
+def _ticks(name: str, values: Sequence[float], low: float = 1.0) -> tuple[float, ...]:
+    values = _sequence(name, values)
     return tuple(float(_checks.real_in_range(f"{name}[i]", v, low)) for v in values)
 
 
@@ -200,9 +206,8 @@ def fixed(ticks: Sequence[int]) -> Fixed:
     For times :math:`\tau_i` in seconds, ``fixed([max(1, round(tau / tick_seconds)) for tau
     in taus])``; Tyurin and Richtárik's experiments use :math:`\tau_i = \sqrt{i}`.
     """
+    ticks = _sequence("ticks", ticks)
     values = tuple(_checks.integer("ticks[i]", t, low=1, high=MAX_TICKS) for t in ticks)
-    if not values:
-        raise ValueError("ticks must name one duration per worker, got an empty sequence")
     return Fixed(max(values), min(values), len(values), values)
 
 
@@ -211,7 +216,7 @@ def stragglers(num_workers: int, slow: Sequence[int], factor: int, base: int = 1
     num_workers = _checks.integer("num_workers", num_workers, low=1)
     factor = _checks.integer("factor", factor, low=1)
     base = _checks.integer("base", base, low=1)
-    ids = {_checks.integer("slow[i]", w, 0, num_workers - 1) for w in slow}
+    ids = {_checks.integer("slow[i]", w, 0, num_workers - 1) for w in _sequence("slow", slow)}
     return fixed([base * (factor if i in ids else 1) for i in range(num_workers)])
 
 
@@ -239,7 +244,8 @@ def slowdown(
     factor = float(_checks.real_in_range("factor", factor, 1.0))
     start = _checks.integer("start", start, low=0)
     stop = _checks.integer("stop", stop, low=start)
-    ids = tuple(_checks.integer("workers[i]", w, low=0) for w in workers)
+    high = None if base.num_workers is None else base.num_workers - 1
+    ids = tuple(_checks.integer("workers[i]", w, 0, high) for w in _sequence("workers", workers))
     longest = min(MAX_TICKS, math.ceil(base.max_ticks * factor))
     return Slowdown(longest, base.min_ticks, base.num_workers, base, ids, factor, start, stop)
 

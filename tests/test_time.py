@@ -2,6 +2,7 @@
 event-driven numpy simulation of tests/reference_time.py."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,9 @@ def gradients(w, step):
 
 @functools.cache
 def oracle(model, kind):
-    """The library's draws for the reference (the models' distributions are tested
-    against their formulas apart): a job's duration or a message's transit."""
+    """The library's draws for the reference (the compute models' distributions are
+    tested against their formulas below, the links' in test_delays): a job's duration or
+    a message's transit."""
 
     @jax.jit
     def draw(worker, index, tick):
@@ -129,6 +131,57 @@ def test_delay_compensation_corrects_by_the_parameters_a_job_read(policy):
     # The correction mattered: without it the trajectory is another one.
     plain, *_ = expected(COMPUTE["fixed"], LINKS["uniform"], POLICIES[policy])
     assert np.abs(plain - want).max() > 1e-3
+
+
+def draws(model, worker, tick=0, n=20_000):
+    keys = jax.random.split(jax.random.key(3), n)
+    job = jnp.arange(n)
+    return np.asarray(jax.vmap(model, in_axes=(0, None, 0, None))(keys, worker, job, tick))
+
+
+def assert_frequencies(samples, pmf):
+    """Every duration's frequency within 5 standard errors of ``pmf`` (``{k: p}``)."""
+    n = len(samples)
+    assert abs(sum(pmf.values()) - 1) < 1e-9 and set(np.unique(samples)) <= set(pmf)
+    for k, p in pmf.items():
+        got = np.mean(samples == k)
+        assert abs(got - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-12, (k, got, p)
+
+
+def test_geometric_durations_follow_their_formula():
+    """P(c = k) = q^(k-1) (1 - q), q = 1 - 1/mean, the tail piled on max_ticks; mean_ticks
+    is the truncated mean."""
+    model, mean, top = timing.exponential([1.0, 3.0], max_ticks=8), 3.0, 8
+    q = 1 - 1 / mean
+    pmf = {k: q ** (k - 1) * (1 - q) for k in range(1, top)} | {top: q ** (top - 1)}
+    samples = draws(model, 1)
+    assert_frequencies(samples, pmf)
+    assert model.mean_ticks(1) == pytest.approx(sum(k * p for k, p in pmf.items()))
+    np.testing.assert_array_equal(draws(model, 0, n=100), 1)  # a mean of 1: always 1
+
+
+def test_lognormal_durations_follow_their_formula():
+    """P(c = k) = P(k - 1/2 <= m e^(sigma xi) < k + 1/2), clipped to [1, max_ticks]."""
+    model, median, sigma, top = timing.lognormal([2.0, 3.0], 0.6, max_ticks=7), 3.0, 0.6, 7
+
+    def below(x):  # P(m e^(sigma xi) < x)
+        return 0.5 * (1 + math.erf(math.log(x / median) / (sigma * math.sqrt(2))))
+
+    pmf = {1: below(1.5)} | {k: below(k + 0.5) - below(k - 0.5) for k in range(2, top)}
+    pmf[top] = 1 - below(top - 0.5)
+    samples = draws(model, 1)
+    assert_frequencies(samples, pmf)
+    assert model.mean_ticks(1) == pytest.approx(sum(k * p for k, p in pmf.items()), rel=1e-2)
+
+
+def test_slowdown_slows_its_workers_in_its_window_only():
+    """Jobs of workers 0 and 3 started in ticks [8, 20) take ceil(4 c), the rest c."""
+    model, base = COMPUTE["slowdown"], [1, 1, 2, 2]
+    for worker in range(W):
+        for tick in (0, 7, 8, 19, 20):
+            slow = worker in (0, 3) and 8 <= tick < 20
+            want = math.ceil(4.0 * base[worker]) if slow else base[worker]
+            np.testing.assert_array_equal(draws(model, worker, tick, n=4), want)
 
 
 def test_utilisation_and_busy_time_by_hand():
@@ -272,6 +325,21 @@ def test_every_layout_runs_the_same_schedule(backend, devices, workers, slots):
             ValueError,
             "policy",
         ),
+        (lambda: timing.fixed(5), TypeError, "ticks must be a non-empty sequence"),
+        (lambda: timing.stragglers(4, 1, 2), TypeError, "slow must be a non-empty sequence"),
+        (lambda: timing.slowdown(timing.fixed([1, 2]), [7], 2.0, 0, 4), ValueError, "workers"),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, tick_seconds=-1.0),
+            ValueError,
+            "tick_seconds",
+        ),
+        (
+            lambda: fsq.parallel.data_parallel(
+                lambda w, x: jnp.sum(w * x), fsq.sgd(0.1), num_workers=8, gradient_slots=0
+            ),
+            ValueError,
+            "gradient_slots",
+        ),
     ],
 )
 def test_bad_arguments_raise(build, error, match):
@@ -310,3 +378,13 @@ def test_delay_compensation_is_on_where_applied_gradients_can_be_stale(policy, s
     assert width == (3 if stale else 1) * DIM
     # The state's metrics stay reachable by name with a clock in it.
     assert jax.tree.leaves(optax.tree.get(state, "staleness"))[0].shape == (W,)
+
+
+@pytest.mark.parametrize(("delay", "stale"), [(0, False), (delays.bandwidth(4.0), True)])
+def test_delay_compensation_is_on_where_a_link_delays_messages(delay, stale):
+    """Without a clock, compensation is on where messages can be late: on a bandwidth
+    link, even with no latency, a message takes its bytes' transmission."""
+    tx = fsq.flying_squirrel(fsq.sgd(LR), num_workers=W, delay=delay, staleness=None)
+    state = jax.vmap(tx.init, axis_size=W, in_axes=None, axis_name="workers")(jnp.zeros(DIM))
+    width = state.in_flight.slots.shape[-1] - len(fsq.transforms.Totals._fields)
+    assert width == (3 if stale else 1) * DIM
