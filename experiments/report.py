@@ -48,7 +48,7 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     for name, study in STUDIES.items():
         if name in studies:
             lines += study.section(studies[name])
-    if all(records.timed(r) for r in rows):
+    if not any(in_bytes_plot(r) for r in rows):
         return "\n".join(lines)
     lines += [
         "## Communication",
@@ -65,9 +65,18 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     return "\n".join(lines)
 
 
+# Studies whose runs differ in length by design and whose sections report their bytes.
+OWN_BYTES = ("local",)
+
+
+def in_bytes_plot(record: Record) -> bool:
+    """Workers in time send only when a job ends: their bytes per step are not comparable;
+    nor are the runs of a study that reports its own bytes."""
+    return not records.timed(record) and record.study not in OWN_BYTES
+
+
 def plot_bytes(rows: list[Record], out: pathlib.Path) -> None:
-    # Workers in time send only when a job ends: their bytes per step are not comparable.
-    rows = [r for r in rows if not records.timed(r)]
+    rows = [r for r in rows if in_bytes_plot(r)]
     if not rows:
         return
     by_task = group(rows, "task")

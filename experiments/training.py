@@ -170,8 +170,16 @@ def train(
             updates, state, losses = fsq.parallel.workers_step(
                 loss, workers, params, state, worker, ids=ids, slots=gradient_slots
             )
-            delivered = optax.tree.get(state, "delivered")
-            stale = optax.tree.get(state, "staleness") * delivered
+            # Summed over the assemblies of a state (one per fragment in streaming DiLoCo).
+            delivered = sum(v for _, v in optax.tree.get_all_with_path(state, "delivered"))
+            stale = sum(
+                a * b
+                for (_, a), (_, b) in zip(
+                    optax.tree.get_all_with_path(state, "staleness"),
+                    optax.tree.get_all_with_path(state, "delivered"),
+                    strict=True,
+                )
+            )
             # Workers busy with an earlier job (a clock) computed nothing: NaN losses.
             mean = jnp.nanmean(losses)
             return (optax.apply_updates(params, updates), state), (mean, stale, delivered)

@@ -15,6 +15,7 @@ from fsq import (
 )
 from fsq.accumulation import AccumulationState, accumulate
 from fsq.assembly import FlyingSquirrelState, asynchronous
+from fsq.local_sgd import async_local_sgd, diloco, fragment_labels, local_sgd, streaming_diloco
 from fsq.optimizers import (
     adagrad,
     adam,
@@ -25,6 +26,7 @@ from fsq.optimizers import (
     rmsprop,
     sgd,
 )
+from fsq.outer import DelayedNesterovState, delayed_nesterov
 from fsq.squirrel import flying_squirrel
 from fsq.transforms.ring import InFlight
 
@@ -32,21 +34,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulationState",
+    "DelayedNesterovState",
     "FlyingSquirrelState",
     "InFlight",
     "accumulate",
     "adagrad",
     "adam",
     "aggregation",
+    "async_local_sgd",
     "asynchronous",
     "bgd",
     "checkpoint",
     "compensation",
     "compression",
+    "delayed_nesterov",
     "delays",
+    "diloco",
     "faults",
     "flying_squirrel",
+    "fragment_labels",
     "get_optimizer",
+    "local_sgd",
     "momentum",
     "nesterov",
     "parallel",
@@ -54,6 +62,7 @@ __all__ = [
     "rmsprop",
     "sgd",
     "staleness",
+    "streaming_diloco",
     "timing",
     "transforms",
 ]

@@ -122,12 +122,12 @@ def device_map(device_step: Callable, backend: str, mesh: jax.sharding.Mesh) -> 
             mapped = jax.vmap(
                 device_step,
                 in_axes=in_axes,
-                out_axes=(None, state_axes, None),
+                out_axes=(None, state_axes, 0),  # losses may depend on per-worker state
                 axis_size=1,
                 axis_name=DEVICE_AXIS,
             )
         params, opt_state, losses = mapped(params, each(split, opt_state), batch)
-        return params, each(merge, opt_state), merge(losses) if backend == "pmap" else losses
+        return params, each(merge, opt_state), merge(losses)
 
     return map_devices
 

@@ -133,6 +133,31 @@ def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
     return starting(schedules[0])[ids] if schedules else None
 
 
+def _holds_params(state: Any) -> bool:
+    return callable(getattr(type(state), "worker_params", None))
+
+
+def worker_parameters(opt_state: Any, params: Any) -> Any | None:
+    """The parameters each of a device's workers computes its gradient at (leaves ``[L,
+    ...]``), or ``None`` when they all use ``params``.
+
+    A state that holds its worker's own parameters (local steps,
+    :func:`fsq.transforms.local_steps`) says so with a ``worker_params(params) -> params``
+    method; the per-worker parts of ``opt_state`` are batched over the workers, and every
+    such state replaces its own leaves, in order."""
+    holders = [x for x in jax.tree.leaves(opt_state, is_leaf=_holds_params) if _holds_params(x)]
+    if not holders:
+        return None
+
+    def of_worker(holders):
+        own = params
+        for holder in holders:
+            own = holder.worker_params(own)
+        return own
+
+    return jax.vmap(of_worker)(holders)
+
+
 def check_scalar_loss(loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any) -> None:
     """Raises a ``TypeError`` naming the fix unless ``loss_fn`` returns one scalar."""
     out = jax.eval_shape(loss_fn, params, worker_batch)
@@ -158,7 +183,9 @@ def workers_step(
 
     ``loss_fn(params, worker_batch)`` is one worker's loss; ``batch`` leaves have a
     leading axis of the device's ``L`` workers, whose global ids are ``ids``; ``workers``
-    is :func:`vmap_workers` of the transform.
+    is :func:`vmap_workers` of the transform. Each worker's gradient is taken at
+    ``params``, or at its own parameters where the state holds them (local steps,
+    :func:`worker_parameters`).
 
     With a clock in the transform (:func:`fsq.transforms.clock`), a worker busy with an
     earlier job sends nothing, so its gradient is not computed: a worker alone on its
@@ -189,13 +216,24 @@ def workers_step(
     value_and_grad = jax.value_and_grad(loss_fn)
     active = starting_workers(opt_state, ids)
     num_local = jax.tree.leaves(batch)[0].shape[0]
-    every = jax.vmap(value_and_grad, in_axes=(None, 0))
+    own = worker_parameters(opt_state, params)
+
+    def at(rows):
+        """The parameters of the workers ``rows`` (``None``: all), and their vmap axis."""
+        if own is None:
+            return params, None
+        return (own, 0) if rows is None else (jax.tree.map(lambda x: x[rows], own), 0)
+
+    def every(rows, batch):
+        where, axis = at(rows)
+        return jax.vmap(value_and_grad, in_axes=(axis, 0))(where, batch)
 
     if num_local == 1:
         # A vmap of size 1 would turn the weight gradients into batched matmuls, twice as
         # slow on CPU: compute the single worker's gradient unbatched.
         def one():
-            loss, grads = value_and_grad(params, jax.tree.map(lambda x: x[0], batch))
+            where = params if own is None else jax.tree.map(lambda x: x[0], own)
+            loss, grads = value_and_grad(where, jax.tree.map(lambda x: x[0], batch))
             return loss[None], jax.tree.map(lambda g: g[None], grads)
 
         def idle():
@@ -206,7 +244,7 @@ def workers_step(
         return (*workers.update(grads, opt_state, params), losses)
 
     def all_workers():
-        losses, grads = every(params, batch)
+        losses, grads = every(None, batch)
         if active is not None:
             losses = jnp.where(active, losses, jnp.nan)
         return (*workers.update(grads, opt_state, params), losses)
@@ -217,7 +255,7 @@ def workers_step(
     def some_workers(capacity):
         def run():
             rows = jnp.argsort(~active, stable=True)[:capacity]  # the active ones first
-            losses, grads = every(params, jax.tree.map(lambda x: x[rows], batch))
+            losses, grads = every(rows, jax.tree.map(lambda x: x[rows], batch))
             updates, new_state = workers.update(
                 grads, opt_state, params, rows=rows, worker_ids=ids[rows]
             )

@@ -19,6 +19,13 @@ pytree is wrapped in :class:`PerDevice` / :class:`PerWorker`. :mod:`fsq.parallel
 the declaration with :func:`placement_of` and never looks at concrete state types, so a
 user's own transform can take part.
 
+A per-worker state may also hold its worker's **own parameters** (local steps,
+:func:`fsq.transforms.local_steps`): it then defines ``worker_params(params) -> params``,
+the parameters its worker computes its gradient at given the global ones (replacing the
+leaves it holds, passing the others through), and :func:`fsq.parallel.workers_step`
+takes each worker's gradient there. Memory: its copy is per worker, :math:`W/D` copies
+per device.
+
 Example:
   >>> from typing import NamedTuple
   >>> import jax.numpy as jnp, fsq

@@ -25,7 +25,8 @@ argument adds:
   clock(compute, policy)                        robust(aggregation)
   liveness(faults)
   reject_non_finite()                           compensate(compensation)
-  worker_momentum(worker_momentum)              normalise("weight" for a step-scope rule)
+  local                     (local steps)       normalise("weight" for a step-scope rule)
+  worker_momentum(worker_momentum)
   attack(faults)            (Byzantine models)
   bound_staleness(max_staleness, on_stale)
   compress(compression)
@@ -75,6 +76,7 @@ def flying_squirrel(
     compute: _timing.ComputeModel | None = None,
     policy: str | _timing.Policy = "asynchronous",
     tick_seconds: float = 1.0,
+    local: transforms.SendTransformation | None = None,
     seed: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous data-parallel training with delayed gradients, used per worker.
@@ -164,6 +166,12 @@ def flying_squirrel(
         ``rennala(B)``, ``ringmaster(R)``). With ``compute`` or another policy, staleness is
         counted in inner steps, and the state reports the simulated ``time``.
       tick_seconds: the seconds of one tick of the logical clock (with a clock).
+      local: :func:`fsq.transforms.local_steps`: every worker trains its own parameters
+        with a local optimizer and sends pseudo-gradients, ``inner`` being the outer
+        optimizer (the presets :func:`fsq.local_sgd`, :func:`fsq.diloco`,
+        :func:`fsq.streaming_diloco`, :func:`fsq.async_local_sgd`). Delay compensation
+        does not apply to a pseudo-gradient and must be off. ``None``: one gradient per
+        message.
       seed: the seed of every random choice (delays, faults, random-k, compute times); runs
         are a pure function of it. A traced int scalar is accepted too, to ``jit`` or
         ``vmap`` over seeds.
@@ -222,6 +230,17 @@ def flying_squirrel(
     # message has at least a byte: on a bandwidth link even latency 0 delays it.)
     if not (policy.applies_stale if clocked else model.for_message(1).max_delay > 0):
         config = None
+    if local is not None:
+        if not isinstance(local, transforms.SendTransformation):
+            raise TypeError(
+                f"local must be fsq.transforms.local_steps(...), got {type(local).__name__}"
+            )
+        if config is not None:
+            raise ValueError(
+                "compensation must be None with local steps: delay compensation corrects a "
+                "gradient by the curvature at its parameters, and a pseudo-gradient of "
+                "several local steps is not one"
+            )
     send = []
     if clocked:
         every_tick = _timing.fixed([1] * num_workers)
@@ -229,6 +248,8 @@ def flying_squirrel(
     if fault_model is not None:
         send.append(transforms.liveness(fault_model))
     send.append(transforms.reject_non_finite())
+    if local is not None:  # after the pieces that decide whether a gradient exists
+        send.append(local)
     if worker_momentum is not None:  # the honest message, which an attacker corrupts
         send.append(transforms.worker_momentum(worker_momentum))
     if fault_model is not None and fault_model.corrupts:

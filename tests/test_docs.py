@@ -77,7 +77,19 @@ def test_api_reference_documents_every_public_name(built_docs):
     assert {"fsq.adam", "fsq.delays.uniform", "fsq.staleness.weighted_step"} <= documented
 
 
-@pytest.mark.parametrize("page", ["concepts.md", "assemble.md", "time.md", "checkpointing.md"])
+@pytest.mark.parametrize(
+    "page",
+    [
+        "concepts.md",
+        "assemble.md",
+        "time.md",
+        "checkpointing.md",
+        "algorithms/local_sgd.md",
+        "algorithms/diloco.md",
+        "algorithms/streaming_diloco.md",
+        "algorithms/async_local_sgd.md",
+    ],
+)
 def test_the_code_of_a_page_runs(page):
     """The pages that show assemblies run their code blocks, in order, as written."""
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.DOTALL)

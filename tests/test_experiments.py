@@ -386,3 +386,43 @@ def test_every_study_runs_and_reports(tmp_path):
     for name, study in STUDIES.items():
         heading = study.section([records.Record(**r) for r in rows if r["study"] == name])[0]
         assert heading.startswith("## ") and heading in text
+
+
+def test_local_section_reads_equal_compute_and_time_by_hand():
+    """Synchronous: 100 steps at 12 ticks a step, its loss above the floor 0.3 at the end.
+    DiLoCo: 300 steps at 1.5 ticks, 0.2 at step 100 (equal compute), 0.3 first reached at
+    step 50: 75 ticks against 1200, 0.0625x. The other rate (0.5 at step 100) loses."""
+
+    def local_record(method, curve, steps, ticks, lr=0.01):
+        return _record(
+            study="local",
+            task="transformer",
+            method=method,
+            steps=steps,
+            test_accuracy=None,
+            loss_floor=1.0,
+            test_loss=1.0 + curve[-1],
+            test_curve=[1.0 + x for x in curve],
+            hyperparameters={
+                "learning_rate": lr,
+                "batch_size": 16,
+                "peak_bytes": 400.0,
+                "ticks_per_step": ticks,
+                "params": 100,
+                "equal_compute_steps": 100,
+                "model": "tiny",
+            },
+        )
+
+    rows = [
+        local_record("synchronous", [0.9, 0.3], 100, 12.0),
+        local_record("DiLoCo H=50", [0.3, 0.2, 0.1, 0.1, 0.1, 0.1], 300, 1.5),
+        local_record("DiLoCo H=50", [0.9, 0.5, 0.4, 0.1, 0.1, 0.1], 300, 1.5, lr=0.1),
+    ]
+    from experiments.studies import local
+
+    text = "\n".join(local.section(rows))
+    cells = {row[0]: row for row in table_rows(text)}
+    assert cells["DiLoCo H=50"][1:5] == ("0.01", "0.2000", "66.7%", "-0.1000")
+    assert cells["DiLoCo H=50"][-1] == "0.062x"
+    assert cells["synchronous"][-1] == "1.000x"

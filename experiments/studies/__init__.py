@@ -18,6 +18,7 @@ from experiments.studies import (
     classic,
     compression,
     faults,
+    local,
     staleness,
     wallclock,
     workers,
@@ -35,7 +36,7 @@ class Study(NamedTuple):
 
 STUDIES: dict[str, Study] = {
     module.NAME: Study(module.run, module.section, getattr(module, "plot", None))
-    for module in (classic, staleness, workers, wallclock, anchors, compression, faults)
+    for module in (classic, staleness, workers, wallclock, anchors, compression, faults, local)
 }
 
 __all__ = ["SCALES", "STUDIES", "Settings", "Study"]

@@ -2,9 +2,10 @@
 
 Worker side (:class:`SendTransformation`, per worker, own state): :func:`clock` (workers
 that compute at their own pace, coordinated by a policy of :mod:`fsq.timing`),
-:func:`liveness`, :func:`reject_non_finite`, :func:`worker_momentum`, :func:`attack`,
-:func:`bound_staleness`, :func:`compress`, :func:`scale_by_staleness`,
-:func:`scale_by_worker`, :func:`gaussian_noise`, :func:`compensation_channels`, and any
+:func:`liveness`, :func:`reject_non_finite`, :func:`local_steps` (each worker trains its
+own parameters), :func:`worker_momentum`, :func:`attack`, :func:`bound_staleness`,
+:func:`compress`, :func:`scale_by_staleness`, :func:`scale_by_worker`,
+:func:`gaussian_noise`, :func:`compensation_channels`, and any
 optax transformation (:func:`on_gradient`).
 
 The delay line: :func:`delay_line` (:class:`DelayLine`; its state is :class:`fsq.InFlight`).
@@ -27,6 +28,7 @@ from fsq.transforms.delay_compensation import (
 from fsq.transforms.error_feedback import ErrorFeedbackState, compress
 from fsq.transforms.line import DelayLine, delay_line
 from fsq.transforms.liveness import liveness
+from fsq.transforms.local import LocalState, local_steps
 from fsq.transforms.message import (
     Arrival,
     Context,
@@ -55,6 +57,7 @@ __all__ = [
     "DeliverTransformation",
     "ErrorFeedbackState",
     "Layout",
+    "LocalState",
     "Message",
     "SendTransformation",
     "Status",
@@ -72,6 +75,7 @@ __all__ = [
     "gaussian_noise",
     "keep_if_sent",
     "liveness",
+    "local_steps",
     "new_message",
     "normalise",
     "on_gradient",
