@@ -54,7 +54,7 @@ def _is_absent(x: Any) -> bool:
 
 
 class LocalState(NamedTuple):
-    """State of :func:`local_steps`, each worker's own.
+    r"""State of :func:`local_steps`, each worker's own.
 
     Attributes:
       local_state: the local optimizer's state.
