@@ -65,14 +65,11 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     return "\n".join(lines)
 
 
-# Studies whose runs differ in length by design and whose sections report their bytes.
-OWN_BYTES = ("local",)
-
-
 def in_bytes_plot(record: Record) -> bool:
     """Workers in time send only when a job ends: their bytes per step are not comparable;
-    nor are the runs of a study that reports its own bytes."""
-    return not records.timed(record) and record.study not in OWN_BYTES
+    nor are the runs of a study that opts out (:attr:`Study.in_bytes_plot`)."""
+    study = STUDIES.get(record.study)
+    return not records.timed(record) and (study is None or study.in_bytes_plot)
 
 
 def plot_bytes(rows: list[Record], out: pathlib.Path) -> None:

@@ -171,15 +171,10 @@ def train(
                 loss, workers, params, state, worker, ids=ids, slots=gradient_slots
             )
             # Summed over the assemblies of a state (one per fragment in streaming DiLoCo).
-            delivered = sum(v for _, v in optax.tree.get_all_with_path(state, "delivered"))
-            stale = sum(
-                a * b
-                for (_, a), (_, b) in zip(
-                    optax.tree.get_all_with_path(state, "staleness"),
-                    optax.tree.get_all_with_path(state, "delivered"),
-                    strict=True,
-                )
-            )
+            counts = [v for _, v in optax.tree.get_all_with_path(state, "delivered")]
+            ages = [v for _, v in optax.tree.get_all_with_path(state, "staleness")]
+            delivered = sum(counts)
+            stale = sum(a * c for a, c in zip(ages, counts, strict=True))
             # Workers busy with an earlier job (a clock) computed nothing: NaN losses.
             mean = jnp.nanmean(losses)
             return (optax.apply_updates(params, updates), state), (mean, stale, delivered)

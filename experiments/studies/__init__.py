@@ -32,10 +32,16 @@ class Study(NamedTuple):
     run: Callable[[Settings], list[records.Record]]
     section: Callable[[list[records.Record]], list[str]]
     plot: Callable[[list[records.Record], pathlib.Path], None] | None = None
+    in_bytes_plot: bool = True  # its runs join the report's bytes-against-metric plot
 
 
 STUDIES: dict[str, Study] = {
-    module.NAME: Study(module.run, module.section, getattr(module, "plot", None))
+    module.NAME: Study(
+        module.run,
+        module.section,
+        getattr(module, "plot", None),
+        getattr(module, "IN_BYTES_PLOT", True),
+    )
     for module in (classic, staleness, workers, wallclock, anchors, compression, faults, local)
 }
 

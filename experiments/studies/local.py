@@ -51,7 +51,7 @@ import fsq
 from experiments import records, training
 from experiments.presentation import figure, image, save, table_block
 from experiments.records import Record, group
-from experiments.studies import base
+from experiments.studies import base, compression
 from experiments.tasks import transformer
 
 NAME = "local"
@@ -63,6 +63,8 @@ ASYNC_STEPS = 50
 EXTEND = 3  # every method but synchronous training runs EXTEND x T steps, for time
 TOP_K = fsq.compression.top_k(0.01)
 SYNCHRONOUS = "synchronous"
+# Runs of unequal lengths by design: the section reports the bytes, not the shared plot.
+IN_BYTES_PLOT = False
 
 
 class Size(NamedTuple):
@@ -89,9 +91,7 @@ SIZES = {
 
 
 def num_params(task) -> int:
-    return sum(
-        math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(task.init, jax.random.key(0)))
-    )
+    return sum(compression.leaf_sizes(task))
 
 
 def link(task) -> fsq.delays.Bandwidth:
@@ -105,9 +105,10 @@ def transit(task, num_bytes: float) -> int:
 
 def fragment_bytes(task, fragments: int) -> list[int]:
     """The bytes of each fragment of :func:`fsq.fragment_labels` (float32)."""
-    shapes = jax.eval_shape(task.init, jax.random.key(0))
-    labels = jax.tree.leaves(fsq.fragment_labels(shapes, fragments))
-    sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+    sizes = compression.leaf_sizes(task)
+    labels = jax.tree.leaves(
+        fsq.fragment_labels(jax.eval_shape(task.init, jax.random.key(0)), fragments)
+    )
     return [
         4 * sum(s for s, lab in zip(sizes, labels, strict=True) if lab == f)
         for f in range(fragments)
@@ -182,7 +183,7 @@ def methods(task, size: Size) -> dict[str, Method]:
         dense,
         1 + (transit(task, dense) - LATENCY) / h,
     )
-    top_k = TOP_K.payload_bytes(leaf_sizes(task))
+    top_k = TOP_K.payload_bytes(compression.leaf_sizes(task))
     out["flying squirrel + top-k 1% + EF"] = Method(
         lambda hp, seed: training.flying_squirrel(
             optax.adamw(hp["learning_rate"]), WORKERS, seed, compression=TOP_K, delay=link(task)
@@ -194,17 +195,11 @@ def methods(task, size: Size) -> dict[str, Method]:
     return out
 
 
-def leaf_sizes(task) -> list[int]:
-    return [
-        math.prod(x.shape) for x in jax.tree.leaves(jax.eval_shape(task.init, jax.random.key(0)))
-    ]
-
-
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
     size = SIZES[settings.scale]
     task = transformer.task(width=size.width, layers=size.layers, length=size.length)
-    out = []
+    out, params = [], num_params(task)
     for name, method in base.progress(methods(task, size).items(), settings, NAME):
         extend = 1 if name == SYNCHRONOUS else EXTEND
         outcome = training.train(
@@ -229,7 +224,7 @@ def run(settings: base.Settings) -> list[records.Record]:
                     "learning_rate": float(values["learning_rate"]),
                     "peak_bytes": method.peak_bytes,
                     "ticks_per_step": method.ticks_per_step,
-                    "params": num_params(task),
+                    "params": params,
                     "equal_compute_steps": size.steps,
                     "model": f"width {size.width}, {size.layers} layers, {size.length} tokens",
                 },

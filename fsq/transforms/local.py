@@ -45,7 +45,12 @@ import numpy as np
 import optax
 
 from fsq import _checks
-from fsq.transforms.message import SendTransformation, Status, accumulation_dtype
+from fsq.transforms.message import (
+    SendTransformation,
+    Status,
+    accumulation_dtype,
+    keep_if_sent,
+)
 
 
 def _is_absent(x: Any) -> bool:
@@ -225,10 +230,7 @@ def local_steps(
             pull_countdown=jnp.where(send, 0 if alpha is None else message.delay, countdown),
         )
         # An inactive worker (down, busy, rejected) keeps its state; the countdown runs.
-        new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), stepped, state)
-        new_state = new_state._replace(
-            pull_countdown=jnp.where(active, stepped.pull_countdown, countdown)
-        )
+        new_state = keep_if_sent(message, stepped, state._replace(pull_countdown=countdown))
         # A tick without a send carries nothing: it is idle, not lost or rejected.
         message = message.with_gradient(delta).mark(Status.IDLE, ~(send & active))
         return message, new_state
