@@ -1,27 +1,29 @@
-"""Flax Linen: a ``TrainState`` loop with Flying Squirrel, workers as a ``jax.vmap``.
+"""Flax Linen: an MLP with BatchNorm and dropout trained by asynchronous workers.
 
-The workers are the members of a ``jax.vmap(..., axis_name="workers")`` on one device:
-each computes the gradient of its own shard and calls ``TrainState.apply_gradients``,
-whose optimizer clips the gradient and sends it with a delay drawn from
-``fsq.delays.uniform``. What comes out (parameters, optimizer state) is the same on
-every worker, so the vmap returns one ``TrainState``::
+:func:`fsq.parallel.data_parallel` takes a pure loss. Each worker's call gets its own
+dropout key (``key=``, a function of the seed, the step and the worker) and the model's
+batch statistics (``model_state=``), and returns the statistics its shard gave, which
+the step averages over the workers. The optimizer, called per worker, clips the
+gradient and sends it with a delay drawn from ``fsq.delays.uniform``; an Adam "server"
+steps on whatever arrives::
 
-    python examples/linen_train.py --steps 300 --workers 8 --max-delay 8
+    python examples/linen_train.py --steps 300 --workers 8 --max-delay 8 --logdir /tmp/run
 
-The task is synthetic (labels of a random linear teacher), so the example needs no
-download. For workers spread over devices, see ``examples/nnx_train.py``.
+Simulate several CPU devices with ``JAX_NUM_CPU_DEVICES=8``. The task is synthetic
+(labels of a random linear teacher), so the example needs no download.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training.train_state import TrainState
 
 import fsq
 
@@ -29,11 +31,13 @@ DIM, CLASSES, HIDDEN = 16, 4, 64
 
 
 class MLP(nn.Module):
-    """One hidden layer with a ReLU."""
+    """One hidden layer with BatchNorm, a ReLU and dropout."""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(CLASSES)(nn.relu(nn.Dense(HIDDEN)(x)))
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(HIDDEN)(x))
+        x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+        return nn.Dense(CLASSES)(x)
 
 
 def make_task(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,21 +47,30 @@ def make_task(seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.argmax(x @ teacher, axis=-1)
 
 
-def loss_fn(params: dict, state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
-    logits = state.apply_fn({"params": params}, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+MODEL = MLP()
 
 
-@jax.jit
-def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, jax.Array]:
-    """One logical step of every worker; ``batch`` leaves are ``[workers, batch, ...]``."""
+def loss_fn(params: dict, batch: dict, *, key: jax.Array, model_state: dict):
+    """One worker's loss; its accuracy as aux, and its new batch statistics."""
+    logits, updates = MODEL.apply(
+        {"params": params, **model_state},
+        batch["x"],
+        train=True,
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+    return loss, ({"accuracy": accuracy}, updates)
 
-    def worker(shard: dict[str, jax.Array]) -> tuple[TrainState, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, state, shard)
-        return state.apply_gradients(grads=grads), loss
 
-    # out_axes=None: the new state is identical on all workers, so it is returned once.
-    return jax.vmap(worker, axis_name="workers", out_axes=(None, 0))(batch)
+def per_example(variables: dict, batch: dict) -> dict[str, jax.Array]:
+    """Each example's loss and correctness, with the running statistics."""
+    logits = MODEL.apply(variables, batch["x"], train=False)
+    return {
+        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]),
+        "accuracy": (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32),
+    }
 
 
 def main() -> None:
@@ -68,44 +81,59 @@ def main() -> None:
     parser.add_argument("--max-delay", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--logdir", default=None, help="write per-step metrics here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    model = MLP()
-    params = model.init(jax.random.key(args.seed), jnp.zeros((1, DIM)))["params"]
+    variables = MODEL.init(jax.random.key(args.seed), jnp.zeros((1, DIM)), train=False)
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
         fsq.flying_squirrel(
             fsq.adam(args.learning_rate),
             num_workers=args.workers,
             delay=fsq.delays.uniform(args.max_delay),
-            axis_name="workers",  # the vmap axis of train_step
+            axis_name=fsq.parallel.AXIS_NAME,  # the axes data_parallel binds
             seed=args.seed,
         ),
     )
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    mesh = fsq.parallel.make_mesh(math.gcd(args.workers, jax.device_count()))
+    dp = fsq.parallel.data_parallel(
+        loss_fn, tx, num_workers=args.workers, mesh=mesh, has_aux=True, seed=args.seed
+    )
+    state = dp.init(variables["params"], {"batch_stats": variables["batch_stats"]})
+    evaluate = fsq.parallel.evaluator(per_example, mesh=mesh)
+
+    def test_metrics(state: fsq.parallel.TrainState) -> dict[str, jax.Array]:
+        return evaluate({"params": state.params, **state.model_state}, test)
 
     x_train, y_train = make_task(args.seed + 1, 4096)
-    x_test, y_test = make_task(args.seed + 2, 1024)
-    evaluate = jax.jit(lambda state: loss_fn(state.params, state, {"x": x_test, "y": y_test}))
-    first_loss = float(evaluate(state))
+    test = dict(zip(("x", "y"), make_task(args.seed + 2, 1000), strict=True))
+    first = test_metrics(state)
     rng = np.random.default_rng(args.seed)
-    print(f"{args.workers} workers (vmap), uniform delays 0..{args.max_delay}")
-    for step in range(1, args.steps + 1):
-        index = rng.integers(0, len(x_train), (args.workers, args.batch))  # [W, batch]
-        state, losses = train_step(state, {"x": x_train[index], "y": y_train[index]})
-        if step % args.log_every == 0 or step == args.steps:
-            delivered = int(optax.tree.get(state.opt_state, "delivered"))
-            staleness = float(optax.tree.get(state.opt_state, "staleness"))
-            print(
-                f"step {step:5d}  train loss {float(losses.mean()):.4f}  "
-                f"delivered {delivered}  mean staleness {staleness:.1f}"
-            )
+    print(
+        f"{args.workers} workers on {mesh.devices.size} device(s), "
+        f"uniform delays 0..{args.max_delay}"
+    )
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(fsq.MetricWriter(args.logdir)) if args.logdir else None
+        for step in range(1, args.steps + 1):
+            index = rng.integers(0, len(x_train), (args.workers, args.batch))  # [W, batch]
+            state, (losses, aux) = dp.step(state, {"x": x_train[index], "y": y_train[index]})
+            metrics = fsq.step_metrics(state.opt_state)
+            if writer:
+                loss, accuracy = losses.mean(), aux["accuracy"].mean()
+                writer.write(step, {**metrics, "loss": loss, "accuracy": accuracy})
+            if step % args.log_every == 0 or step == args.steps:
+                print(
+                    f"step {step:5d}  train loss {float(losses.mean()):.4f}  "
+                    f"accuracy {float(aux['accuracy'].mean()):.1%}  "
+                    f"delivered {int(metrics['delivered'])}  "
+                    f"mean staleness {float(metrics['staleness']):.1f}"
+                )
 
-    logits = state.apply_fn({"params": state.params}, x_test)
-    accuracy = float(jnp.mean(jnp.argmax(logits, axis=-1) == y_test))
-    print(f"eval loss {first_loss:.4f} -> {float(evaluate(state)):.4f}")
-    print(f"eval accuracy {accuracy:.1%}")
+    last = test_metrics(state)
+    print(f"eval loss {float(first['loss']):.4f} -> {float(last['loss']):.4f}")
+    print(f"eval accuracy {float(last['accuracy']):.1%}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from fsq import (
     compression,
     delays,
     faults,
+    nnx,
     parallel,
     placement,
     staleness,
@@ -16,6 +17,8 @@ from fsq import (
 from fsq.accumulation import AccumulationState, accumulate
 from fsq.assembly import FlyingSquirrelState, asynchronous
 from fsq.local_sgd import async_local_sgd, diloco, fragment_labels, local_sgd, streaming_diloco
+from fsq.metric_writer import MetricWriter
+from fsq.metrics import step_metrics
 from fsq.optimizers import (
     adagrad,
     adam,
@@ -37,6 +40,7 @@ __all__ = [
     "DelayedNesterovState",
     "FlyingSquirrelState",
     "InFlight",
+    "MetricWriter",
     "accumulate",
     "adagrad",
     "adam",
@@ -57,11 +61,13 @@ __all__ = [
     "local_sgd",
     "momentum",
     "nesterov",
+    "nnx",
     "parallel",
     "placement",
     "rmsprop",
     "sgd",
     "staleness",
+    "step_metrics",
     "streaming_diloco",
     "timing",
     "transforms",

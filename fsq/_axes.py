@@ -45,6 +45,16 @@ def normalize(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
+def is_bound(names: tuple[str, ...]) -> bool:
+    """Whether every axis of ``names`` is bound where this is traced."""
+    try:
+        for name in names:
+            lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
 def resolve(names: tuple[str, ...], num_workers: int | None) -> WorkerAxes:
     """Splits ``names`` into device and local axes; checks they are bound and hold W workers
     (``num_workers``; ``None``: any number, when the caller maps a subset of them).
@@ -55,8 +65,10 @@ def resolve(names: tuple[str, ...], num_workers: int | None) -> WorkerAxes:
         sizes = [lax.axis_size(n) for n in names]
     except NameError as e:
         raise ValueError(
-            f"axis_name {names} is not bound: call the transform inside jax.vmap, "
-            f"jax.shard_map or jax.pmap over those axes (or use fsq.parallel) ({e})"
+            f"axis_name {names} is not bound: Flying Squirrel runs per worker, inside "
+            f"jax.vmap, jax.shard_map or jax.pmap over those axes. Train with "
+            f"fsq.parallel.data_parallel, or for a Flax NNX model fsq.nnx.DataParallel; "
+            f"an nnx.Optimizer's update must run inside nnx.vmap(..., axis_name=...) ({e})"
         ) from None
     if num_workers is not None and math.prod(sizes) != num_workers:
         raise ValueError(

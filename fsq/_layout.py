@@ -76,17 +76,18 @@ def per_device(fn: Callable[..., Any], *, mesh: jax.sharding.Mesh) -> Callable[.
 
 
 def device_map(device_step: Callable, backend: str, mesh: jax.sharding.Mesh) -> Callable:
-    """``device_step(params, opt_state, batch)`` run once per device of ``mesh``;
-    ``batch`` leaves are ``[W, ...]``, each part of the state is laid out by its placement."""
+    """``device_step(carried, opt_state, batch) -> (carried, opt_state, out)`` run once
+    per device of ``mesh``: ``carried`` (the parameters, ...) is replicated, ``batch`` and
+    ``out`` leaves are ``[W, ...]``, each part of the state is laid out by its placement."""
     num_devices = mesh.devices.size
 
-    def map_devices(params, opt_state, batch):
+    def map_devices(carried, opt_state, batch):
         if backend == "shard_map":  # device blocks are the slices of axis 0: no reshapes
             spread = P(DEVICE_AXIS)
             specs = (P(), by_placement(opt_state, spread, spread, P()), P(DEVICE_AXIS))
             return jax.shard_map(
                 device_step, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
-            )(params, opt_state, batch)
+            )(carried, opt_state, batch)
         # pmap splits every device's block off; the vmap of one device keeps what all its
         # workers share unbatched (a batched in-flight buffer would turn the inner step's
         # cond into a select), and only splits what each worker holds its own of.
@@ -122,12 +123,12 @@ def device_map(device_step: Callable, backend: str, mesh: jax.sharding.Mesh) -> 
             mapped = jax.vmap(
                 device_step,
                 in_axes=in_axes,
-                out_axes=(None, state_axes, 0),  # losses may depend on per-worker state
+                out_axes=(None, state_axes, 0),  # outputs may depend on per-worker state
                 axis_size=1,
                 axis_name=DEVICE_AXIS,
             )
-        params, opt_state, losses = mapped(params, each(split, opt_state), batch)
-        return params, each(merge, opt_state), merge(losses)
+        carried, opt_state, out = mapped(carried, each(split, opt_state), batch)
+        return carried, each(merge, opt_state), jax.tree.map(merge, out)
 
     return map_devices
 

@@ -158,15 +158,36 @@ def worker_parameters(opt_state: Any, params: Any) -> Any | None:
     return jax.vmap(of_worker)(holders)
 
 
-def check_scalar_loss(loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any) -> None:
-    """Raises a ``TypeError`` naming the fix unless ``loss_fn`` returns one scalar."""
+def check_loss(
+    loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any, has_aux: bool = False
+) -> None:
+    """Raises a ``TypeError`` naming the fix unless ``loss_fn`` returns one scalar loss
+    (with ``has_aux``, a pair ``(loss, aux)``)."""
     out = jax.eval_shape(loss_fn, params, worker_batch)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                "with has_aux=True, loss_fn must return a pair (loss, aux) for one worker's "
+                f"batch, got {jax.tree.map(lambda x: x.shape, out)}"
+            )
+        out = out[0]
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        hint = (
+            "return one scalar loss"
+            if has_aux
+            else "return the loss alone, or pass has_aux=True to return (loss, aux) with "
+            "metrics such as accuracy in aux (returned stacked over the workers)"
+        )
         raise TypeError(
             "loss_fn must return one scalar loss for one worker's batch, got "
-            f"{jax.tree.map(lambda x: x.shape, out)}: return the loss alone (compute metrics "
-            "such as accuracy apart, e.g. jax.vmap over the workers' batches)"
+            f"{jax.tree.map(lambda x: x.shape, out)}: {hint}"
         )
+
+
+def _blank(x: Any) -> jax.Array:
+    """What an idle worker reports in place of ``x``: NaN (zero for integers)."""
+    fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else 0
+    return jnp.full(x.shape, fill, x.dtype)
 
 
 def workers_step(
@@ -178,10 +199,12 @@ def workers_step(
     *,
     ids: jax.Array,
     slots: int | None = None,
-) -> tuple[Any, Any, jax.Array]:
+    has_aux: bool = False,
+) -> tuple[Any, Any, Any]:
     """One step of a device's workers: their losses and gradients, and the update.
 
-    ``loss_fn(params, worker_batch)`` is one worker's loss; ``batch`` leaves have a
+    ``loss_fn(params, worker_batch)`` is one worker's loss (with ``has_aux``, a pair
+    ``(loss, aux)``); ``batch`` leaves have a
     leading axis of the device's ``L`` workers, whose global ids are ``ids``; ``workers``
     is :func:`vmap_workers` of the transform. Each worker's gradient is taken at
     ``params``, or at its own parameters where the state holds them (local steps,
@@ -191,10 +214,12 @@ def workers_step(
     earlier job sends nothing, so its gradient is not computed: a worker alone on its
     device is skipped by a ``lax.cond``; of ``L`` workers, the smallest of ``slots``,
     ``2 slots``, ``4 slots``, ... or ``L`` that holds those that start a job is mapped
-    (they first, idle ones to fill it). Idle workers report a NaN loss.
+    (they first, idle ones to fill it). Idle workers report a NaN loss (and NaN, or 0 for
+    integers, in every leaf of aux).
 
     Returns:
-      ``(updates, opt_state, losses)``, ``losses`` of shape ``[L]``.
+      ``(updates, opt_state, losses)``, ``losses`` of shape ``[L]``; with ``has_aux``,
+      ``(updates, opt_state, (losses, aux))``, aux leaves stacked ``[L, ...]``.
 
     Example:
       >>> import jax.numpy as jnp, fsq
@@ -212,11 +237,16 @@ def workers_step(
     """
     if slots is not None:
         slots = _checks.integer("gradient_slots", slots, low=1)
-    check_scalar_loss(loss_fn, params, jax.tree.map(lambda x: x[0], batch))
-    value_and_grad = jax.value_and_grad(loss_fn)
+    check_loss(loss_fn, params, jax.tree.map(lambda x: x[0], batch), has_aux)
+    # One form for both: (loss, aux), aux None without has_aux.
+    with_aux = loss_fn if has_aux else (lambda p, b: (loss_fn(p, b), None))
+    value_and_grad = jax.value_and_grad(with_aux, has_aux=True)
     active = starting_workers(opt_state, ids)
     num_local = jax.tree.leaves(batch)[0].shape[0]
     own = worker_parameters(opt_state, params)
+
+    def result(updates, opt_state, out):
+        return updates, opt_state, (out if has_aux else out[0])
 
     def at(rows):
         """The parameters of the workers ``rows`` (``None``: all), and their vmap axis."""
@@ -233,21 +263,21 @@ def workers_step(
         # slow on CPU: compute the single worker's gradient unbatched.
         def one():
             where = params if own is None else jax.tree.map(lambda x: x[0], own)
-            loss, grads = value_and_grad(where, jax.tree.map(lambda x: x[0], batch))
-            return loss[None], jax.tree.map(lambda g: g[None], grads)
+            out, grads = value_and_grad(where, jax.tree.map(lambda x: x[0], batch))
+            return jax.tree.map(lambda x: x[None], (out, grads))
 
         def idle():
-            loss, grads = jax.eval_shape(one)
-            return jnp.full(loss.shape, jnp.nan, loss.dtype), optax.tree.zeros_like(grads)
+            out, grads = jax.eval_shape(one)
+            return jax.tree.map(_blank, out), optax.tree.zeros_like(grads)
 
-        losses, grads = one() if active is None else jax.lax.cond(active[0], one, idle)
-        return (*workers.update(grads, opt_state, params), losses)
+        out, grads = one() if active is None else jax.lax.cond(active[0], one, idle)
+        return result(*workers.update(grads, opt_state, params), out)
 
     def all_workers():
-        losses, grads = every(None, batch)
+        out, grads = every(None, batch)
         if active is not None:
-            losses = jnp.where(active, losses, jnp.nan)
-        return (*workers.update(grads, opt_state, params), losses)
+            out = jax.tree.map(lambda x: _where_active(active, x), out)
+        return result(*workers.update(grads, opt_state, params), out)
 
     if active is None or slots is None or slots >= num_local:
         return all_workers()
@@ -255,16 +285,19 @@ def workers_step(
     def some_workers(capacity):
         def run():
             rows = jnp.argsort(~active, stable=True)[:capacity]  # the active ones first
-            losses, grads = every(rows, jax.tree.map(lambda x: x[rows], batch))
+            out, grads = every(rows, jax.tree.map(lambda x: x[rows], batch))
             updates, new_state = workers.update(
                 grads, opt_state, params, rows=rows, worker_ids=ids[rows]
             )
-            losses = (
-                jnp.full(num_local, jnp.nan, losses.dtype)
-                .at[rows]
-                .set(jnp.where(active[rows], losses, jnp.nan))
+            out = jax.tree.map(
+                lambda x: (
+                    _blank(jnp.zeros((num_local,) + x.shape[1:], x.dtype))
+                    .at[rows]
+                    .set(_where_active(active[rows], x))
+                ),
+                out,
             )
-            return updates, new_state, losses
+            return result(updates, new_state, out)
 
         return run
 
@@ -276,3 +309,8 @@ def workers_step(
     branches = [some_workers(c) for c in capacities] + [all_workers]
     index = jnp.searchsorted(jnp.asarray(capacities), jnp.sum(active))
     return jax.lax.switch(index, branches)
+
+
+def _where_active(active: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` (``[L, ...]``) for the active workers, blank for the idle ones."""
+    return jnp.where(active.reshape(active.shape + (1,) * (x.ndim - 1)), x, _blank(x))

@@ -204,8 +204,11 @@ def asynchronous(
         return num_bytes, link, pipeline.span(link)
 
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
-        # Kept apart, a row holds the local workers' messages: only then is init mapped.
-        axes = _axes.resolve(names, num_workers) if apart else None
+        # Outside the worker axes (flax's TrainState.create, nnx.Optimizer) one state
+        # serves every worker. Kept apart, a row holds the local workers' messages: only
+        # then does the state depend on the axes.
+        bound = _axes.is_bound(names)
+        axes = _axes.resolve(names, num_workers) if bound and apart else None
         dtype = accumulation_dtype(params)
         num_bytes, link, span = resolved(params)
         context = Context(jnp.int32(0), jnp.int32(0), num_workers, seed, span[1], link)
@@ -214,11 +217,27 @@ def asynchronous(
             state = piece.init(params, context) if piece.needs_context else piece.init(params)
             return state if piece.shared else PerWorker(state)
 
+        worker_states = tuple(piece_state(piece) for piece in send)
+        own = [
+            type(s.value).__name__
+            for s in worker_states
+            if isinstance(s, PerWorker) and jax.tree.leaves(s)
+        ]
+        own += ["the messages, kept apart per worker"] if apart else []
+        if not bound and own:
+            raise ValueError(
+                f"this transform keeps state that is each worker's own ({', '.join(own)}), "
+                f"so init must run under the worker axes {names}, which are not bound here: "
+                "train with fsq.parallel.data_parallel, or for a Flax "
+                "NNX model with fsq.nnx.DataParallel. nnx.Optimizer and flax's "
+                "TrainState.create call init outside those axes: they can hold a transform "
+                "without per-worker state only (stepped inside jax.vmap / nnx.vmap)"
+            )
         layout = Layout(num_workers, num_channels, span[1])
         zero = jnp.zeros([], jnp.int32)
         return FlyingSquirrelState(
             step=zero,
-            worker_states=tuple(piece_state(piece) for piece in send),
+            worker_states=worker_states,
             in_flight=line.init(
                 wire.width(params, num_channels) * segments(axes), dtype, span, segments(axes)
             ),

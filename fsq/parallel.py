@@ -60,7 +60,8 @@ from fsq._layout import (
     per_device,
     worker_ids,
 )
-from fsq._local import WORKER_AXIS, map_placed, vmap_workers, workers_step
+from fsq._local import WORKER_AXIS, map_placed, starting_workers, vmap_workers, workers_step
+from fsq.evaluation import evaluator
 
 AXIS_NAME = (DEVICE_AXIS, WORKER_AXIS)
 BACKENDS = ("vmap", "shard_map", "pmap")
@@ -69,22 +70,36 @@ LossFn = Callable[[optax.Params, Any], jax.Array]
 
 
 class TrainState(NamedTuple):
-    """Parameters (replicated) and optimizer state (per-device parts concatenated on axis 0)."""
+    """What a data-parallel run carries from step to step.
+
+    Attributes:
+      params: the parameters (replicated).
+      opt_state: the optimizer state (per-device parts concatenated on axis 0).
+      model_state: the model's other state (replicated), such as BatchNorm statistics, or
+        ``None``.
+      step: how many steps were taken (int32), from which each worker's random key is
+        drawn.
+    """
 
     params: optax.Params
     opt_state: optax.OptState
+    model_state: Any = None
+    step: Any = 0
 
 
 class DataParallel(NamedTuple):
     """A data-parallel training step and how it is laid out.
 
     Attributes:
-      init: ``params -> TrainState``, placed on the devices.
+      init: ``(params, model_state=None) -> TrainState``, placed on the devices.
       step: jitted ``(TrainState, batch) -> (TrainState, losses)``; every leaf of ``batch``
         has a leading axis of ``num_workers`` (one shard per worker) and ``losses`` is the
-        ``[num_workers]`` vector of each worker's loss before the update. The input state
+        ``[num_workers]`` vector of each worker's loss before the update; with
+        ``has_aux``, ``(TrainState, (losses, aux))``, aux leaves ``[num_workers, ...]``
+        (NaN, or 0 for integers, for workers idle at this step). The input state
         is donated (its buffers are reused in place, so the in-flight buffer is never
-        copied); keep using the returned state.
+        copied; with ``donate_params=False`` only its ``opt_state``); keep using the
+        returned state.
       num_workers: ``W``.
       mesh: the device mesh (one device for the ``vmap`` backend).
       backend: ``"vmap"``, ``"shard_map"`` or ``"pmap"``.
@@ -97,8 +112,8 @@ class DataParallel(NamedTuple):
         ``step`` directly.
     """
 
-    init: Callable[[optax.Params], TrainState]
-    step: Callable[[TrainState, Any], tuple[TrainState, jax.Array]]
+    init: Callable[..., TrainState]
+    step: Callable[[TrainState, Any], tuple[TrainState, Any]]
     num_workers: int
     mesh: jax.sharding.Mesh
     backend: str
@@ -114,11 +129,32 @@ def data_parallel(
     backend: str = "shard_map",
     mesh: jax.sharding.Mesh | None = None,
     gradient_slots: int | None = None,
+    has_aux: bool = False,
+    seed: int | None = None,
+    donate_params: bool = True,
 ) -> DataParallel:
-    """Builds the jitted data-parallel train step of ``loss_fn`` with ``tx``, per worker.
+    r"""Builds the jitted data-parallel train step of ``loss_fn`` with ``tx``, per worker.
+
+    ``loss_fn(params, worker_batch)`` is called per worker, with keyword arguments for
+    what the run holds:
+
+    - ``key=``: with ``seed``, the worker's key at this step (for dropout), a pure function
+      of the seed, the step and the *logical* worker :math:`i`, whatever the layout:
+
+      .. math:: k_{t,i} = \operatorname{fold\_in}(\operatorname{fold\_in}(
+         \operatorname{key}(\text{seed}), t), i)
+
+    - ``model_state=``: when ``init`` was given a model state (BatchNorm statistics, any
+      mutable collection); ``loss_fn`` then returns its new value in second place, as
+      ``(loss, new_model_state)`` or with ``has_aux`` ``(loss, (aux, new_model_state))``.
+      The step averages the workers' new values over the workers that computed a gradient
+      at this step (all of them but those a clock keeps busy); every worker then starts
+      the next step from the same, replicated, state. Integer leaves are averaged and
+      rounded down.
 
     Args:
-      loss_fn: ``(params, worker_batch) -> scalar loss`` for one worker's shard.
+      loss_fn: ``(params, worker_batch, **kwargs) -> loss`` for one worker's shard (or
+        ``(loss, aux)`` with ``has_aux``).
       tx: the optimizer, called per worker; a Flying Squirrel transform must be built with
         ``axis_name=fsq.parallel.AXIS_NAME`` and the same ``num_workers``.
       num_workers: ``W``, a multiple of the number of devices.
@@ -130,6 +166,12 @@ def data_parallel(
         job (more are computed when more start, a synchronous round for one); ``None``:
         every local worker's (a worker alone on its device is skipped when busy anyway).
         Idle workers report a NaN loss.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the step returns each worker's aux
+        stacked ``[num_workers, ...]``.
+      seed: when given, ``loss_fn`` receives each worker's key as ``key=``.
+      donate_params: whether the step donates the parameters' and the model state's
+        buffers too; ``False`` keeps them valid for whatever else holds them (an NNX
+        module, :class:`fsq.nnx.DataParallel`), at the cost of fresh buffers per step.
 
     Returns:
       A :class:`DataParallel` with ``init`` and ``step``.
@@ -153,29 +195,56 @@ def data_parallel(
         )
     workers_per_device = num_workers // num_devices
 
+    if seed is not None:
+        seed = _checks.integer("seed", seed, low=0)
     local = vmap_workers(tx, num_workers=workers_per_device)
 
-    def device_step(params, opt_state, batch):
+    def device_step(carried, opt_state, batch):
+        params, model_state, step = carried
         # (The vmap backend's device axis is a formality of size 1: device 0's workers.)
         ids = jnp.arange(num_workers) if backend == "vmap" else worker_ids(workers_per_device)
-        updates, opt_state, losses = workers_step(
-            loss_fn, local, params, opt_state, batch, ids=ids, slots=gradient_slots
+        stateful = model_state is not None
+
+        def worker_loss(params, worker):
+            batch, worker_id = worker
+            kwargs = {} if model_state is None else {"model_state": model_state}
+            if seed is not None:
+                key = jax.random.fold_in(jax.random.key(seed), step)
+                kwargs["key"] = jax.random.fold_in(key, worker_id)
+            return loss_fn(params, batch, **kwargs)
+
+        active = starting_workers(opt_state, ids)
+        updates, opt_state, out = workers_step(
+            worker_loss,
+            local,
+            params,
+            opt_state,
+            (batch, ids),
+            ids=ids,
+            slots=gradient_slots,
+            has_aux=has_aux or stateful,
         )
-        return optax.apply_updates(params, updates), opt_state, losses
+        if stateful:
+            losses, extra = out
+            aux, new_state = split_model_state(extra, model_state, has_aux)
+            model_state = average_over_workers(new_state, model_state, active)
+            out = (losses, aux) if has_aux else losses
+        return (optax.apply_updates(params, updates), model_state), opt_state, out
 
     map_devices = device_map(device_step, backend, mesh)
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, jax.Array]:
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, Any]:
         for x in jax.tree.leaves(batch):
             if x.shape[:1] != (num_workers,):
                 raise ValueError(
                     f"batch leaves must have a leading axis of num_workers={num_workers}, "
                     f"got shape {x.shape}"
                 )
-        params, opt_state, losses = map_devices(state.params, state.opt_state, batch)
+        carried = (state.params, state.model_state, state.step)
+        (params, model_state), opt_state, out = map_devices(carried, state.opt_state, batch)
         # The state keeps the shardings ``init`` gave it, so the step compiles once.
         opt_state = jax.lax.with_sharding_constraint(opt_state, shardings(opt_state))
-        return TrainState(params, opt_state), losses
+        return TrainState(params, opt_state, model_state, state.step + 1), out
 
     def init_blocks(params):
         """Runs ``tx.init`` in the mapped context of the step, stacking the devices' states."""
@@ -188,14 +257,15 @@ def data_parallel(
             devices=list(mesh.devices.flat),
         )(jnp.arange(num_devices), params)
 
-    def init_state(params):
+    def init_state(params, model_state):
         # Per-device and per-worker parts keep every device's block (concatenated on axis
         # 0); the rest is identical on all devices, so device 0's copy is kept.
         opt_state = map_placed(
             init_blocks(params), lambda x: x.reshape((-1,) + x.shape[2:]), lambda x: x[0]
         )
-        # A copy: the step donates its state, which must not delete the caller's arrays.
-        return TrainState(jax.tree.map(jnp.copy, params), opt_state)
+        # Copies: the step donates its state, which must not delete the caller's arrays.
+        params, model_state = jax.tree.map(jnp.copy, (params, model_state))
+        return TrainState(params, opt_state, model_state, jnp.int32(0))
 
     split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
 
@@ -207,22 +277,68 @@ def data_parallel(
 
         return map_placed(opt_state, spread, lambda _: whole)
 
-    def init(params: optax.Params) -> TrainState:
-        shapes = jax.eval_shape(init_state, params)
-        out = TrainState(jax.tree.map(lambda _: whole, shapes.params), shardings(shapes.opt_state))
-        return jax.jit(init_state, out_shardings=out)(params)
+    def init(params: optax.Params, model_state: Any = None) -> TrainState:
+        shapes = jax.eval_shape(init_state, params, model_state)
+        out = jax.tree.map(lambda _: whole, shapes)._replace(opt_state=shardings(shapes.opt_state))
+        return jax.jit(init_state, out_shardings=out)(params, model_state)
 
     local_workers, put_batch = batch_placer(mesh, num_workers)
+    if donate_params:
+        jitted = jax.jit(step, donate_argnums=0)
+    else:
+        by_parts = jax.jit(
+            lambda opt_state, rest, batch: step(TrainState(rest[0], opt_state, *rest[1:]), batch),
+            donate_argnums=0,
+        )
+
+        def jitted(state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+            return by_parts(state.opt_state, (state.params, *state[2:]), batch)
 
     return DataParallel(
         init,
-        jax.jit(step, donate_argnums=0),
+        jitted,
         num_workers,
         mesh,
         backend,
         local_workers,
         put_batch,
     )
+
+
+def split_model_state(extra: Any, old: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(aux, new_model_state)`` from what ``loss_fn`` returned besides its loss; raises a
+    ``ValueError`` naming the expected form unless the new state (leaves ``[L, ...]``) is
+    shaped like ``old``."""
+    form = "(loss, (aux, new_model_state))" if has_aux else "(loss, new_model_state)"
+    pair = isinstance(extra, tuple) and len(extra) == 2
+    aux, new = extra if has_aux and pair else (None, extra)
+    shapes = [x.shape[1:] for x in jax.tree.leaves(new)]
+    if (
+        (has_aux and not pair)
+        or jax.tree.structure(new) != jax.tree.structure(old)
+        or shapes != [np.shape(x) for x in jax.tree.leaves(old)]
+    ):
+        raise ValueError(
+            f"with a model_state, loss_fn must return {form}, the new state shaped like the "
+            f"one given to init ({jax.tree.structure(old)}); got {jax.tree.structure(extra)}"
+        )
+    return aux, new
+
+
+def average_over_workers(new: Any, old: Any, active: jax.Array | None) -> Any:
+    """The mean of the workers' ``new`` values (leaves ``[L, ...]`` on each device) over
+    the workers that are ``active`` (``None``: all), across every device; ``old`` where
+    none is. Called inside the step's mapped context."""
+    weight = jnp.ones(jax.tree.leaves(new)[0].shape[0]) if active is None else active
+    weight = weight.astype(jnp.float32)
+    count = jax.lax.psum(jnp.sum(weight), DEVICE_AXIS)
+
+    def mean(x, before):
+        total = jax.lax.psum(jnp.tensordot(weight, x.astype(jnp.float32), axes=1), DEVICE_AXIS)
+        value = (total / jnp.maximum(count, 1)).astype(before.dtype)
+        return jnp.where(count > 0, value, before)
+
+    return jax.tree.map(mean, new, old)
 
 
 __all__ = [
@@ -232,7 +348,9 @@ __all__ = [
     "WORKER_AXIS",
     "DataParallel",
     "TrainState",
+    "average_over_workers",
     "data_parallel",
+    "evaluator",
     "make_mesh",
     "per_device",
     "vmap_workers",

@@ -84,6 +84,7 @@ def test_api_reference_documents_every_public_name(built_docs):
         "assemble.md",
         "time.md",
         "checkpointing.md",
+        "flax.md",
         "algorithms/local_sgd.md",
         "algorithms/diloco.md",
         "algorithms/streaming_diloco.md",

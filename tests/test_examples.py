@@ -1,4 +1,5 @@
-"""Every example script trains on a tiny configuration: its evaluation loss goes down."""
+"""Every example script trains on a tiny configuration: its evaluation loss goes down, and
+its per-step metrics are written."""
 
 import os
 import pathlib
@@ -13,12 +14,12 @@ TINY = ["--steps", "40", "--workers", "8", "--max-delay", "4", "--log-every", "2
 
 
 @pytest.mark.parametrize("script", ["nnx_train.py", "linen_train.py"])
-def test_example_loss_goes_down(script):
+def test_example_loss_goes_down(script, tmp_path):
     # A fresh process, where JAX_NUM_CPU_DEVICES takes effect: nnx_train.py then lays its
     # workers out over 8 devices with shard_map.
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *TINY],
+        [sys.executable, str(EXAMPLES / script), *TINY, "--logdir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,
@@ -29,3 +30,6 @@ def test_example_loss_goes_down(script):
     assert match, result.stdout
     first, last = map(float, match.groups())
     assert last < 0.8 * first, result.stdout
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 1 + 40
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())

@@ -408,9 +408,25 @@ def test_inner_must_be_a_transformation():
 
 def test_unbound_axis_raises():
     tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2)
-    state = tx.init(jnp.zeros(2))
-    with pytest.raises(ValueError, match="axis_name .* is not bound"):
+    state = tx.init(jnp.zeros(2))  # no per-worker state: one state serves every worker
+    with pytest.raises(ValueError, match=r"not bound.*fsq\.nnx\.DataParallel.*nnx\.vmap"):
         tx.update(jnp.ones(2), state, jnp.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"worker_momentum": 0.9}, "EmaState"),
+        ({"compression": fsq.compression.top_k(0.5)}, "ErrorFeedbackState"),
+    ],
+)
+def test_per_worker_state_outside_the_worker_axes_fails_at_init(options, named):
+    # As nnx.Optimizer and flax's TrainState.create call it: one state cannot hold every
+    # worker's own, so the transform fails when built, naming the supported paths.
+    tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, **options)
+    with pytest.raises(ValueError, match=rf"own \({named}.*fsq\.nnx\.DataParallel"):
+        tx.init(jnp.zeros(2))
+    jax.vmap(tx.init, in_axes=None, axis_size=2, axis_name=AXIS)(jnp.zeros(2))  # mapped: fine
 
 
 def test_axis_size_must_match_num_workers():
