@@ -27,15 +27,29 @@ def metric_name(record: Record) -> str:
     return "test loss - floor" if record.loss_floor is not None else "test loss"
 
 
+def converged(rows: Sequence[Record]) -> list[Record]:
+    """The runs that did not diverge."""
+    return [r for r in rows if not r.diverged]
+
+
+def diverged_tag(rows: Sequence[Record]) -> str:
+    """``"div. (k/n)"`` when ``k`` of the ``n`` runs diverged, else ``""``."""
+    k = sum(r.diverged for r in rows)
+    return f"div. ({k}/{len(rows)})" if k else ""
+
+
 def summary(rows: Sequence[Record]) -> str:
-    """``mean +- std`` of the headline metric over seeds, with diverged runs counted."""
-    values = np.asarray([headline(r) for r in rows])
+    """``mean +- std`` of the headline metric over the seeds that did not diverge, then
+    ``div. (k/n)`` for those that did (never averaged in); ``div. (n/n)`` alone if all did."""
+    ok = converged(rows)
+    if not ok:
+        return diverged_tag(rows)
+    values = np.asarray([headline(r) for r in ok])
     if higher_is_better(rows[0]):
         text = f"{100 * values.mean():.1f} +- {100 * values.std():.1f}"
     else:
         text = f"{values.mean():.3g} +- {values.std():.2g}"
-    diverged = sum(r.diverged for r in rows)
-    return text + (f" ({diverged}/{len(rows)} div.)" if diverged else "")
+    return " ".join(filter(None, (text, diverged_tag(rows))))
 
 
 def final_train_loss(rows: Sequence[Record]) -> str:
@@ -53,29 +67,102 @@ def batch(record: Record) -> str:
 
 
 def relative(rows: Sequence[Record], reference: Sequence[Record]) -> str:
-    if not higher_is_better(rows[0]):
+    """`` (x%)`` of the reference's metric, over the runs that did not diverge."""
+    if not higher_is_better(rows[0]) or not converged(rows) or not converged(reference):
         return ""
-    return f" ({100 * mean(rows) / mean(reference):.0f}%)"
+    return f" ({100 * mean(converged(rows)) / mean(converged(reference)):.0f}%)"
 
 
 def percent_of(rows: Sequence[Record], reference: Sequence[Record]) -> str:
-    return f"{100 * mean(rows) / mean(reference):.1f}%"
+    if not converged(rows) or not converged(reference):
+        return diverged_tag(rows) or "-"
+    return f"{100 * mean(converged(rows)) / mean(converged(reference)):.1f}%"
 
 
-def figure(count: int, width: float = 4.5):
+LINESTYLES = ("-", "--", "-.", ":")
+DIVERGED = "diverged"  # the gid of the markers of diverged runs
+
+
+def style(index: int) -> dict:
+    """The colour and line style of a figure's ``index``-th series: no two of the first 40
+    alike, and neighbours differ in both."""
+    return {"color": f"C{index % 10}", "linestyle": LINESTYLES[index % 4]}
+
+
+def figure(count: int, width: float = 4.8):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, count, figsize=(width * count, 3.6), squeeze=False)
+    plt.rcParams.update(
+        {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8}
+    )
+    fig, axes = plt.subplots(1, count, figsize=(width * count, 4.0), squeeze=False)
     return plt, fig, axes[0]
 
 
 def save(plt, fig, path: pathlib.Path) -> None:
+    for ax in fig.axes:
+        legend(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+def legend(ax) -> None:
+    """A legend on every axes that shows more than one labelled series."""
+    labelled = [a for a in ax.get_lines() + ax.collections if not a.get_label().startswith("_")]
+    if len(labelled) > 1 and ax.get_legend() is None:
+        ax.legend(fontsize=8)
+
+
+def series(ax, xs, ys, *, index: int, label: str, higher_is_better: bool, **kwargs) -> None:
+    """A method's values against ``xs``: finite ones as a line, NaN ones (every seed
+    diverged) as crosses on the axes' worst edge, labelled ``div.``, never dropped."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    finite = np.isfinite(ys)
+    look = {**style(index), **kwargs}  # a colour given overrides the series' own
+    ax.plot(xs[finite], ys[finite], label=label, **look)
+    if not finite.all():
+        edge = 0.0 if higher_is_better else 1.0
+        ax.plot(
+            xs[~finite],
+            np.full((~finite).sum(), edge),
+            "x",
+            color=look["color"],
+            markersize=9,
+            markeredgewidth=2,
+            transform=ax.get_xaxis_transform(),  # x in data, y on the axes' edge
+            clip_on=False,
+            gid=DIVERGED,
+            label=f"{label}: div.",
+        )
+
+
+def plain_ticks(axis) -> None:
+    """Tick labels as plain numbers (2.2, not 2.2x10^0), minor ticks too."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
+def loss_scale(ax, values) -> None:
+    """A log y axis for losses; symmetric-log where values reach zero or below (a loss
+    above its floor, noisy near it), so that no point falls off the axis."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if values.size and values.min() <= 0:
+        # Linear up to the decade of the bulk of the values: noise around zero stays
+        # flat instead of spiking down decades.
+        positive = np.abs(values[values != 0])
+        bulk = np.percentile(positive, 25) if positive.size else 1.0
+        ax.set_yscale("symlog", linthresh=float(10 ** np.floor(np.log10(bulk))))
+    else:
+        ax.set_yscale("log")
+        if values.size and values.max() / values.min() < 100:  # few decades: minor labels
+            plain_ticks(ax.yaxis)
 
 
 def speedup_axes(ax) -> None:
@@ -89,14 +176,16 @@ def speedup_axes(ax) -> None:
 
 
 def plotted(rows: Sequence[Record]) -> float:
-    """The mean headline metric in plot units; not plotted (NaN) if every run diverged."""
-    if all(r.diverged for r in rows):
+    """The mean headline metric over the runs that did not diverge, in plot units; NaN if
+    every run diverged (plots mark those: :func:`mark_diverged`)."""
+    if not converged(rows):
         return float("nan")
-    value = mean(rows)
+    value = mean(converged(rows))
     return 100 * value if higher_is_better(rows[0]) else value
 
 
 def metric_axis(ax, record: Record) -> None:
     ax.set_ylabel(metric_name(record))
     if not higher_is_better(record):
-        ax.set_yscale("log")
+        data = [line for line in ax.get_lines() if line.get_gid() != DIVERGED]
+        loss_scale(ax, [y for line in data for y in line.get_ydata()])

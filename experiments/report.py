@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from experiments import records
-from experiments.presentation import figure, image, metric_axis, plotted, save
-from experiments.records import Record, best_rate, group
+from experiments.presentation import figure, image, metric_axis, plotted, save, series
+from experiments.records import Record, best_rate, group, higher_is_better
 from experiments.studies import STUDIES
 
 REPORT = "report.md"
@@ -40,7 +40,8 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
         "",
         f"Generated from `{records.RESULTS_JSON}` by `python -m experiments report`. "
         f"Run: `{meta.get('command', '')}` ({meta.get('scale', '')} scale, "
-        f"{meta.get('devices', '')} simulated devices, jax {meta.get('jax', '')}; wall time "
+        f"{meta.get('devices', '')} {device_kind(meta)} devices"
+        f"{processes(meta)}, jax {meta.get('jax', '')}; wall time "
         f"{timing or 'not recorded'}).",
         "",
     ]
@@ -48,7 +49,7 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     for name, study in STUDIES.items():
         if name in studies:
             lines += study.section(studies[name])
-    if not any(in_bytes_plot(r) for r in rows):
+    if not bytes_vary(rows):
         return "\n".join(lines)
     lines += [
         "## Communication",
@@ -65,6 +66,16 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def device_kind(meta: dict[str, Any]) -> str:
+    platform = meta.get("platform", "cpu")
+    return "simulated CPU" if platform == "cpu" else platform.upper()
+
+
+def processes(meta: dict[str, Any]) -> str:
+    count = meta.get("processes", 1)
+    return f" in {count} processes" if count > 1 else ""
+
+
 def in_bytes_plot(record: Record) -> bool:
     """Workers in time send only when a job ends: their bytes per step are not comparable;
     nor are the runs of a study that opts out (:attr:`Study.in_bytes_plot`)."""
@@ -72,25 +83,41 @@ def in_bytes_plot(record: Record) -> bool:
     return not records.timed(record) and (study is None or study.in_bytes_plot)
 
 
+def bytes_vary(rows: list[Record]) -> bool:
+    """Whether the bytes sent differ between some runs of one task: else the plot of the
+    metric against them would be one column, a figure of an accident."""
+    sent = group([r for r in rows if in_bytes_plot(r)], "task")
+    return any(len({r.bytes_per_step * r.steps for r in runs}) > 1 for runs in sent.values())
+
+
 def plot_bytes(rows: list[Record], out: pathlib.Path) -> None:
-    rows = [r for r in rows if in_bytes_plot(r)]
-    if not rows:
+    if not bytes_vary(rows):
         return
-    by_task = group(rows, "task")
+    rows = [r for r in rows if in_bytes_plot(r)]
+    by_task = {t: r for t, r in group(rows, "task").items() if bytes_vary(r)}
     plt, fig, axes = figure(len(by_task))
     for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
-        for (study, method), by_method in group(runs, "study", "method").items():
+        for i, ((study, method), by_method) in enumerate(group(runs, "study", "method").items()):
             points = []
             for cell in group(by_method, "delay", "workers").values():
                 best = group(cell, "learning_rate")[best_rate(cell)]
                 points.append((best[0].bytes_per_step * best[0].steps, plotted(best)))
             sent, value = np.asarray(points).T
-            ax.scatter(sent, value, s=14, label=f"{study}: {method}")
+            marker = "osD^v<>p*h"[i % 10]
+            kwargs = {"marker": marker, "linestyle": "none", "markersize": 5}
+            series(
+                ax,
+                sent,
+                value,
+                index=i,
+                label=f"{study}: {method}",
+                **kwargs,
+                higher_is_better=higher_is_better(runs[0]),
+            )
         ax.set_xscale("log")
         metric_axis(ax, runs[0])
         ax.set_xlabel("bytes sent per worker over the run")
         ax.set_title(task)
-    axes[0].legend(fontsize=6)
     save(plt, fig, out / "bytes.png")
 
 

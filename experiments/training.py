@@ -16,7 +16,9 @@ run gives the same numbers however the workers are laid out on devices.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -27,11 +29,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import fsq
 from experiments.tasks.base import Task
 
 Hyperparameters = dict[str, jax.Array]
+
+# Told how many training steps (runs x steps) each finished program ran: the runner's
+# progress bar.
+STEPS_DONE: contextvars.ContextVar[Callable[[int], object] | None] = contextvars.ContextVar(
+    "steps_done", default=None
+)
 MakeTx = Callable[[Hyperparameters, jax.Array], optax.GradientTransformation]
 
 
@@ -191,7 +201,8 @@ def train(
         staleness = jnp.sum(stale) / jnp.maximum(jnp.sum(delivered), 1)
         return params, losses.reshape(-1), test_curve, staleness
 
-    @jax.jit
+    # Outputs replicated on every device: every process of a multi-process job reads them.
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def program(values, seeds):
         # Every device returns every run; all but the losses (of its own workers) are the
         # same on all devices.
@@ -202,7 +213,9 @@ def train(
             lambda x: x[0], (params, test_curve, staleness)
         )
         # One run at a time: a test set evaluated by every run at once can take gigabytes.
-        return losses.mean(0), jax.lax.map(task.evaluate, params), test_curve, staleness
+        # The devices' losses are averaged on the host, in one order whatever the layout
+        # (a mean across processes sums in the collective's order).
+        return losses, jax.lax.map(task.evaluate, params), test_curve, staleness
 
     points = list(itertools.product(*grid.values(), seeds))
     values = [jnp.asarray([p[i] for p in points]) for i in range(len(names))]
@@ -212,12 +225,14 @@ def train(
         raise ValueError(f"steps={steps} must be a multiple of test_points={test_points}")
     losses, metrics, test_curve, staleness = jax.device_get(program(values, run_seeds))
     wall = time.perf_counter() - start
+    if (done := STEPS_DONE.get()) is not None:
+        done(len(points) * steps)
     shape = (*(len(v) for v in grid.values()), len(seeds))
     params = jax.eval_shape(task.init, jax.random.key(0))
     return Outcome(
         {name: tuple(v) for name, v in grid.items()},
         tuple(seeds),
-        np.asarray(losses).reshape(*shape, steps),
+        np.mean(np.asarray(losses), axis=0).reshape(*shape, steps),
         {name: np.asarray(v).reshape(shape) for name, v in metrics.items()},
         np.asarray(test_curve).reshape(*shape, -1) if test_points else None,
         np.asarray(staleness).reshape(shape),

@@ -1,5 +1,6 @@
 """The documentation builds without warnings and its API reference covers the public API."""
 
+import importlib
 import inspect
 import io
 import pathlib
@@ -64,6 +65,14 @@ def built_docs(tmp_path_factory):
 def test_docs_build_without_warnings(built_docs):
     _, warnings = built_docs
     assert not warnings, warnings
+
+
+def test_formulas_render_without_a_network(built_docs):
+    env, _ = built_docs
+    # MathJax is served from the site's own _static folder, not a CDN.
+    assert env.config.mathjax_path == "mathjax/tex-chtml.js"
+    bundled = pathlib.Path(importlib.import_module("sphinx-mathjax-offline").__file__).parent
+    assert (bundled / "static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000
 
 
 def test_api_reference_documents_every_public_name(built_docs):

@@ -4,6 +4,8 @@ runner end to end on a tiny configuration, and the report as a pure function of 
 import csv
 import json
 import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -359,7 +361,9 @@ def test_report_regenerated_from_json_is_deterministic(tmp_path):
     records.write(_saved_results(), {"command": "test", "scale": "tiny", "devices": 8}, tmp_path)
     first = report.write(tmp_path).read_text()
     pngs = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
-    assert {"classic_curves.png", "workers.png", "bytes.png"} <= set(pngs)
+    assert {"classic_curves.png", "workers.png"} <= set(pngs)
+    # Every run sends the same bytes: no one-column plot of the metric against them.
+    assert "bytes.png" not in pngs and "bytes.png" not in first
     second = report.write(tmp_path).read_text()
     assert first == second
     assert pngs == {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
@@ -374,11 +378,53 @@ def test_report_regenerated_from_json_is_deterministic(tmp_path):
     assert ("4", "0.1", "30", "2.67", "0.67") in rows
 
 
-def test_every_study_runs_and_reports(tmp_path):
+def check_figure(fig) -> tuple[int, int]:
+    """Asserts what a reader needs of a figure; returns its (diverged markers, "div." labels)."""
+    from matplotlib.figure import Figure
+
+    from experiments.presentation import DIVERGED
+
+    assert isinstance(fig, Figure)
+    markers = labels = 0
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        for line in lines:
+            x = np.asarray(line.get_xdata(), float)
+            y = np.asarray(line.get_ydata(), float)
+            labels += "div." in line.get_label()
+            if line.get_gid() == DIVERGED:  # crosses on the axes' edge, in axes units
+                markers += len(y)
+                assert set(y) <= {0.0, 1.0}
+                continue
+            # No NaN drawn silently, and nothing off the axes (a log axis drops values <= 0).
+            assert np.isfinite(y).all(), (fig.texts, ax.get_title(), line.get_label())
+            assert ((y >= y0 - 1e-9 * abs(y0)) & (y <= y1 + 1e-9 * abs(y1))).all(), ax.get_title()
+            if line.get_transform() == ax.transData:
+                assert np.isfinite(x).all() and ((x >= x0) & (x <= x1)).all(), ax.get_title()
+            if ax.get_yscale() == "log":
+                assert (y > 0).all(), ax.get_title()
+        labelled = [a for a in [*lines, *ax.collections] if not a.get_label().startswith("_")]
+        if len(labelled) > 1:
+            assert ax.get_legend() is not None, ax.get_title()
+    return markers, labels
+
+
+def test_every_study_runs_and_reports_with_readable_figures(tmp_path, monkeypatch):
     """The main job's path, every study at the tiny scale: each writes its records and its
-    section of the report."""
+    section of the report, and every figure passes :func:`check_figure`."""
+    from matplotlib.figure import Figure
+
     from experiments.studies import STUDIES
 
+    figures = {}
+    save = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        figures[pathlib.Path(path).name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
     path = main(["all", "--tiny", "--out", str(tmp_path), "--devices", "8", "--no-progress"])
     rows = json.loads((tmp_path / "results.json").read_text())["records"]
     assert {row["study"] for row in rows} == set(STUDIES)
@@ -386,6 +432,14 @@ def test_every_study_runs_and_reports(tmp_path):
     for name, study in STUDIES.items():
         heading = study.section([records.Record(**r) for r in rows if r["study"] == name])[0]
         assert heading.startswith("## ") and heading in text
+    assert set(figures) == {p.name for p in tmp_path.glob("*.png")} and len(figures) >= 6
+    marked = [check_figure(fig) for fig in figures.values()]
+    # Some tiny runs diverge (Adam on the quadratic at lr 0.01 and 0.003): they are marked.
+    assert any(r["diverged"] for r in rows)
+    assert sum(m + label for m, label in marked) > 0
+    # Every image the report shows exists, and none is shown that was not drawn.
+    shown = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", text))
+    assert shown == set(figures)
 
 
 def test_local_section_reads_equal_compute_and_time_by_hand():

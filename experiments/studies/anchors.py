@@ -40,7 +40,7 @@ SIZES = {
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     out = []
     for task_name in base.progress(size.tasks, settings, NAME):
         task = tasks.get(task_name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -41,23 +43,52 @@ class Settings(NamedTuple):
       scale: ``"full"`` (the checked-in results), ``"quick"`` (a few minutes) or
         ``"tiny"`` (seconds, for tests).
       seeds: the seeds of every configuration (``None``: the study's default for the scale).
-      num_devices: devices to spread the workers over.
+      num_devices: devices to spread the workers over (``gcd(W, num_devices)`` of them
+        for ``W`` workers).
       progress: show progress bars.
+      sizes: ``{study: Size}`` overriding the scale's sizes (``--set``, ``rerun``).
     """
 
     scale: str = "full"
     seeds: tuple[int, ...] | None = None
     num_devices: int = 1
     progress: bool = True
+    sizes: Mapping[str, Any] | None = None
+
+    def size(self, study: str, sizes: Mapping[str, Any]) -> Any:
+        """The study's size (its config): the one given, else ``sizes[scale]``."""
+        return (self.sizes or {}).get(study, sizes[self.scale])
 
     def seeds_or(self, default: int) -> tuple[int, ...]:
         """The seeds to run: those given, else ``0 .. default - 1``."""
         return tuple(range(default)) if self.seeds is None else self.seeds
 
 
-def progress(items: Iterable[T], settings: Settings, desc: str) -> Iterable[T]:
-    """``items`` with a tqdm bar (when ``settings.progress``)."""
-    return tqdm(items, desc=desc, leave=False, disable=not settings.progress)
+_BAR: contextvars.ContextVar[Any] = contextvars.ContextVar("bar", default=None)
+
+
+@contextlib.contextmanager
+def step_bar(name: str, enabled: bool) -> Iterator[Any]:
+    """A progress bar of the training steps (runs x steps) a study has finished, left on
+    screen when it ends: every :func:`training.train` inside advances it."""
+    bar = tqdm(desc=name, unit=" steps", unit_scale=True, leave=True, disable=not enabled)
+    tokens = _BAR.set(bar), training.STEPS_DONE.set(bar.update)
+    try:
+        yield bar
+    finally:
+        _BAR.reset(tokens[0])
+        training.STEPS_DONE.reset(tokens[1])
+        bar.close()
+
+
+def progress(items: Iterable[T], settings: Settings, desc: str) -> Iterator[T]:
+    """``items``, each named beside the study's step bar while it runs."""
+    del settings, desc  # the bar is the study's (step_bar)
+    bar = _BAR.get()
+    for item in items:
+        if bar is not None:
+            bar.set_postfix_str(str(item), refresh=True)
+        yield item
 
 
 def learning_rates(centre: float, count: int) -> tuple[float, ...]:

@@ -24,15 +24,18 @@ from experiments.presentation import (
     figure,
     final_train_loss,
     image,
+    loss_scale,
     metric_axis,
     metric_name,
     plotted,
     relative,
     save,
+    series,
+    style,
     summary,
     table_block,
 )
-from experiments.records import Record, best_rate, group
+from experiments.records import Record, best_rate, group, higher_is_better
 from experiments.studies import base
 from experiments.studies.base import SYNCHRONOUS
 
@@ -73,7 +76,7 @@ SIZES = {
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     names = size.optimizers
     rates = [base.learning_rates(base.CATALOGUE[n][1], size.rates) for n in names]
 
@@ -166,43 +169,65 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
     by_task = group(rows, "task")
     plt, fig, axes = figure(len(by_task))
     for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
-        for method, by_method in group(runs, "method").items():
+        shown = []
+        for i, (method, by_method) in enumerate(group(runs, "method").items()):
             sync = [r for r in by_method if r.delay == SYNCHRONOUS]
             best = group(sync, "learning_rate")[best_rate(sync)]
-            curve = np.mean([np.asarray(r.curve, float) for r in best], axis=0)
-            steps = np.linspace(0, best[0].steps, len(curve) + 1)[1:]
-            # Smoothed over 5 points: near a floor, noise makes single points negative.
-            smooth = np.convolve(curve - (best[0].loss_floor or 0.0), np.ones(5) / 5, "valid")
-            ax.plot(steps[len(steps) - len(smooth) :], smooth, label=method)
-        ax.set_yscale("log")
+            floor = best[0].loss_floor or 0.0
+            # Smoothed over 5 points per seed: near a floor, noise alone crosses it.
+            curves = np.asarray([np.convolve(r.curve, np.ones(5) / 5, "valid") for r in best])
+            curves = curves - floor
+            steps = np.linspace(0, best[0].steps, len(best[0].curve) + 1)[1:][-curves.shape[1] :]
+            finite = np.isfinite(curves).all(axis=0)
+            label = method + (" (div.)" if not finite.all() else "")
+            mean, low, high = (f(curves[:, finite], axis=0) for f in (np.mean, np.min, np.max))
+            ax.plot(steps[finite], mean, label=label, **style(i))
+            ax.fill_between(steps[finite], low, high, color=style(i)["color"], alpha=0.15, lw=0)
+            shown += [low, high]
+        loss_scale(ax, np.concatenate(shown))
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylabel("train loss" + (" - floor" if runs[0].loss_floor is not None else ""))
-    axes[0].legend(fontsize=7)
     save(plt, fig, out / "classic_curves.png")
 
     plt, fig, axes = figure(len(by_task))
     for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
-        for method, by_method in group(runs, "method").items():
+        for i, (method, by_method) in enumerate(group(runs, "method").items()):
             sync = group([r for r in by_method if r.delay == SYNCHRONOUS], "learning_rate")
             rates = sorted(sync)
-            ax.plot(rates, [plotted(sync[lr]) for lr in rates], marker="o", label=method)
+            values = [plotted(sync[lr]) for lr in rates]
+            series(
+                ax,
+                rates,
+                values,
+                index=i,
+                label=method,
+                higher_is_better=higher_is_better(runs[0]),
+                marker="o",
+            )
         metric_axis(ax, runs[0])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (synchronous)")
         ax.set_title(task)
-    axes[0].legend(fontsize=7)
     save(plt, fig, out / "classic_sensitivity.png")
 
     plt, fig, axes = figure(len(by_task))
     for ax, (task, runs) in zip(axes, by_task.items(), strict=True):
-        for method, by_method in group(runs, "method").items():
+        for i, (method, by_method) in enumerate(group(runs, "method").items()):
             sync = [r for r in by_method if r.delay == SYNCHRONOUS]
             at_lr = group(group(by_method, "learning_rate")[best_rate(sync)], "delay")
             bounds = [r.hyperparameters["max_delay"] for r in (v[0] for v in at_lr.values())]
-            ax.plot(bounds, [plotted(v) for v in at_lr.values()], marker="o", label=method)
+            values = [plotted(v) for v in at_lr.values()]
+            series(
+                ax,
+                bounds,
+                values,
+                index=i,
+                label=method,
+                higher_is_better=higher_is_better(runs[0]),
+                marker="o",
+            )
         metric_axis(ax, runs[0])
         ax.set_xlabel("max delay (uniform), lr frozen")
         ax.set_title(task)
-    axes[0].legend(fontsize=7)
     save(plt, fig, out / "classic_staleness.png")

@@ -65,7 +65,7 @@ def leaf_sizes(task) -> list[int]:
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     out = []
     configs = [(s, m) for s in size.shardings for m in size.methods]
     for sharding, name in base.progress(configs, settings, NAME):

@@ -98,7 +98,7 @@ def _label(delay: Any) -> str:
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     task = tasks.get(size.task)
     out = []
     configs = [(d, m) for d, methods in size.delays.items() for m in methods]

@@ -49,7 +49,15 @@ import optax
 
 import fsq
 from experiments import records, training
-from experiments.presentation import figure, image, save, table_block
+from experiments.presentation import (
+    diverged_tag,
+    figure,
+    image,
+    loss_scale,
+    save,
+    style,
+    table_block,
+)
 from experiments.records import Record, group
 from experiments.studies import base, compression
 from experiments.tasks import transformer
@@ -197,7 +205,7 @@ def methods(task, size: Size) -> dict[str, Method]:
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     task = transformer.task(width=size.width, layers=size.layers, length=size.length)
     out, params = [], num_params(task)
     for name, method in base.progress(methods(task, size).items(), settings, NAME):
@@ -280,13 +288,11 @@ def section(rows: list[Record]) -> list[str]:
     table = []
     for name, r in runs.items():
         loss = at_equal_compute(r)
-        diverged = sum(x.diverged for x in r)
         table.append(
             {
                 "method": name,
                 "lr": r[0].hyperparameters["learning_rate"],
-                "test loss - floor": f"{loss:.4f}"
-                + (f" ({diverged}/{len(r)} div.)" if diverged else ""),
+                "test loss - floor": " ".join(filter(None, (f"{loss:.4f}", diverged_tag(r)))),
                 "of synchronous": f"{100 * loss / sync_loss:.1f}%",
                 "- synchronous": f"{loss - sync_loss:+.4f}",
                 "bytes / step": f"{r[0].bytes_per_step:.4g}",
@@ -321,20 +327,23 @@ def section(rows: list[Record]) -> list[str]:
 def plot(rows: list[Record], out: pathlib.Path) -> None:
     runs = best(rows)
     plt, fig, (by_steps, by_time) = figure(2, width=5.5)
-    for name, r in runs.items():
+    shown = []
+    for i, (name, r) in enumerate(runs.items()):
         curve = mean_curve(r)
         steps = np.arange(1, len(curve) + 1) * r[0].steps / len(curve)
-        line = "--" if name == SYNCHRONOUS else "-"
-        by_steps.plot(steps, curve, line, label=name)
-        by_time.plot(steps * r[0].hyperparameters["ticks_per_step"], curve, line, label=name)
+        finite = np.isfinite(curve)
+        label = name + (" (div.)" if not finite.all() else "")
+        ticks = steps * r[0].hyperparameters["ticks_per_step"]
+        by_steps.plot(steps[finite], curve[finite], label=label, **style(i))
+        by_time.plot(ticks[finite], curve[finite], label=label, **style(i))
+        shown.append(curve[finite])
     for ax, label in (
         (by_steps, "steps (gradients per worker)"),
         (by_time, "simulated ticks, slow link"),
     ):
-        ax.set_yscale("log")
+        loss_scale(ax, np.concatenate(shown))
         ax.set_xlabel(label)
         ax.set_ylabel("test loss - entropy floor")
         ax.grid(alpha=0.3)
     by_time.set_xscale("log")
-    by_steps.legend(fontsize=7)
     save(plt, fig, out / "local.png")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from experiments import records, tasks, training
 from experiments.presentation import (
     batch,
@@ -22,10 +24,11 @@ from experiments.presentation import (
     plotted,
     relative,
     save,
+    series,
     summary,
     table_block,
 )
-from experiments.records import Record, best_rate, group
+from experiments.records import Record, best_rate, group, higher_is_better
 from experiments.studies import base
 from experiments.studies.base import SYNCHRONOUS, SYNCHRONOUS_METHOD
 
@@ -70,7 +73,7 @@ SIZES = {
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     out = []
     configs = [(t, i) for t in size.tasks for i in size.inners]
     for task_name, inner in base.progress(configs, settings, NAME):
@@ -180,17 +183,24 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
     for ax, ((task, inner), runs) in zip(axes, panels.items(), strict=True):
         sync_runs = [r for r in runs if r.method == SYNCHRONOUS_METHOD]
         sync = group(sync_runs, "learning_rate")[best_rate(sync_runs)]
-        for method, by_method in group(runs, "method").items():
-            if method == SYNCHRONOUS_METHOD:
-                continue
-            cells = group(by_method, "delay")
+        methods = [m for m in group(runs, "method") if m != SYNCHRONOUS_METHOD]
+        for i, method in enumerate(methods):
+            cells = group(group(runs, "method")[method], "delay")
             bounds = [0] + [v[0].hyperparameters["max_delay"] for v in cells.values()]
             values = [plotted(sync)] + [plotted(v) for v in cells.values()]
-            ax.plot(bounds, values, marker="o", label=method)
-        ax.axhline(plotted(sync), color="gray", linestyle="--", linewidth=0.8)
+            series(
+                ax,
+                bounds,
+                values,
+                index=i,
+                label=method,
+                higher_is_better=higher_is_better(runs[0]),
+                marker="o",
+            )
+        if np.isfinite(plotted(sync)):
+            ax.axhline(plotted(sync), color="gray", linestyle="--", linewidth=0.8)
         ax.set_xscale("symlog", linthresh=4)
         metric_axis(ax, runs[0])
         ax.set_xlabel("max delay (uniform)")
         ax.set_title(f"{task}, {inner} inner")
-    axes[0].legend(fontsize=7)
     save(plt, fig, out / "staleness.png")

@@ -45,7 +45,16 @@ import optax
 
 import fsq
 from experiments import records, tasks, training
-from experiments.presentation import figure, image, save, speedup_axes, table_block
+from experiments.presentation import (
+    diverged_tag,
+    figure,
+    image,
+    save,
+    series,
+    speedup_axes,
+    style,
+    table_block,
+)
 from experiments.records import Record, group
 from experiments.studies import base, compression
 
@@ -289,7 +298,7 @@ def synchronous_ticks(compute: fsq.timing.ComputeModel, rounds: int, transit: in
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     jobs = [(c, p) for c in size.comparisons for p in c.profiles]
     out = []
     for comparison, profile_name in base.progress(jobs, settings, NAME):
@@ -381,6 +390,7 @@ class Result(NamedTuple):
     final: float
     times: np.ndarray
     curve: np.ndarray
+    diverged: str = ""  # "div. (k/n)" when some of its seeds diverged
 
 
 def seconds(rows: Sequence[Record]) -> np.ndarray:
@@ -408,7 +418,7 @@ def best(rows: Sequence[Record], target: float | None) -> Result:
         curve = mean_curve(runs)
         final = float(curve[-1]) if np.isfinite(curve[-1]) else math.inf
         at = math.inf if target is None else time_to(runs, target)
-        options.append(Result(lr, size, at, final, seconds(runs), curve))
+        options.append(Result(lr, size, at, final, seconds(runs), curve, diverged_tag(runs)))
     return min(options, key=lambda o: (o.seconds, o.final))
 
 
@@ -736,15 +746,19 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
     chosen = max(by_table.values(), key=len)
     plt, fig, axes = figure(len(chosen), width=3.8)
     for ax, ((task, w, prof, _), (target, res)) in zip(axes, chosen, strict=True):
-        for m, r in res.items():
-            ax.plot(r.times, r.curve, label=m, linewidth=1.2, color=METHOD_COLORS.get(m))
-        ax.axhline(target, color="gray", linestyle=":", linewidth=1)
         finite = np.concatenate([r.curve[np.isfinite(r.curve)] for r in res.values()])
-        ax.set_ylim(0.95 * finite.min(), min(finite.max(), 1.6 * target))
+        low, top = 0.95 * finite.min(), min(finite.max(), 1.6 * target)
+        for i, (m, r) in enumerate(res.items()):
+            # Clipped at the top: the early losses would squash the end, where they differ.
+            ok = np.isfinite(r.curve)
+            label = m + (f" ({r.diverged})" if r.diverged else "")
+            kwargs = {**style(i), "color": METHOD_COLORS.get(m, style(i)["color"])}
+            ax.plot(r.times[ok], np.minimum(r.curve[ok], top), label=label, lw=1.2, **kwargs)
+        ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+        ax.set_ylim(low, top * 1.02)
         ax.set_xlabel("simulated seconds")
         ax.set_title(f"{task}, W={w}: {prof}", fontsize=9)
-    axes[0].set_ylabel("test loss (mean over seeds)")
-    axes[0].legend(fontsize=6)
+    axes[0].set_ylabel("test loss (mean over seeds, clipped)")
     save(plt, fig, out / "time.png")
 
     curves = speedups(rows)
@@ -757,12 +771,13 @@ def plot_speedups(curves: dict[tuple[str, str], dict[str, dict[int, float]]], pa
     plt, fig, axes = figure(len(curves), width=4.0)
     for ax, ((task, prof), by_method) in zip(axes, curves.items(), strict=True):
         ws = sorted({w for c in by_method.values() for w in c})
-        for m, c in by_method.items():
-            x = [w for w in ws if w in c and np.isfinite(c[w]) and c[w] > 0]
-            ax.plot(x, [c[w] for w in x], marker="o", label=m, color=METHOD_COLORS.get(m))
-        ax.plot(ws, [w / ws[0] for w in ws], color="gray", linestyle="--", label="linear")
+        for i, (m, c) in enumerate(by_method.items()):
+            x = [w for w in ws if w in c]  # a W that never reached the target is marked
+            values = [c[w] if np.isfinite(c[w]) and c[w] > 0 else np.nan for w in x]
+            kwargs = {"marker": "o", "color": METHOD_COLORS.get(m, style(i)["color"])}
+            series(ax, x, values, index=i, label=m, higher_is_better=True, **kwargs)
+        ax.plot(ws, [w / ws[0] for w in ws], color="gray", linestyle=":", label="linear")
         speedup_axes(ax)
         ax.set_ylabel("wall-clock speed-up")
         ax.set_title(f"{task}: {prof}", fontsize=9)
-    axes[0].legend(fontsize=6)
     save(plt, fig, path)

@@ -17,7 +17,15 @@ from typing import NamedTuple
 import numpy as np
 
 from experiments import records, tasks, training
-from experiments.presentation import batch, figure, image, save, speedup_axes, table_block
+from experiments.presentation import (
+    batch,
+    figure,
+    image,
+    save,
+    series,
+    speedup_axes,
+    table_block,
+)
 from experiments.records import Record, group
 from experiments.studies import base, wallclock
 
@@ -73,7 +81,7 @@ def describe(values: dict) -> records.Run:
 
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
-    size = SIZES[settings.scale]
+    size = settings.size(NAME, SIZES)
     seeds = settings.seeds_or(size.seeds)
     out = []
     configs = [(t, w) for t in size.tasks for w in size.worker_counts]
@@ -197,16 +205,16 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
         by_task.setdefault(task, {})[method] = by_w
     plt, fig, axes = figure(len(by_task))
     for ax, (task, methods) in zip(axes, by_task.items(), strict=True):
-        for method, by_w in methods.items():
+        for i, (method, by_w) in enumerate(methods.items()):
             base = by_w[min(by_w)][1]
-            ws = [w for w, (_, s) in by_w.items() if np.isfinite(s)]
-            ax.plot(ws, [base / by_w[w][1] for w in ws], marker="o", label=method)
+            ws = sorted(by_w)  # a W that never reached the target: marked, not dropped
+            speedup = [base / by_w[w][1] for w in ws]
+            series(ax, ws, speedup, index=i, label=method, higher_is_better=True, marker="o")
         ws = sorted({w for by_w in methods.values() for w in by_w})
-        ax.plot(ws, [w / ws[0] for w in ws], color="gray", linestyle="--", label="linear")
+        ax.plot(ws, [w / ws[0] for w in ws], color="gray", linestyle=":", label="linear")
         speedup_axes(ax)
         ax.set_ylabel("speed-up in steps to target")
         ax.set_title(task)
-    axes[0].legend(fontsize=7)
     save(plt, fig, out / "workers.png")
     curves = wallclock.speedups(timed)
     if curves:

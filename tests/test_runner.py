@@ -1,0 +1,153 @@
+"""The studies' runner on real layouts: any device count, several processes, overrides
+recorded and rerun, and the console script from any directory."""
+
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.__main__ import main
+
+TINY = ["classic", "--tiny", "--no-progress"]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def run(args, cwd=None, timeout=300):
+    """``python -m experiments ARGS`` in a fresh process (its own device count)."""
+    command = [sys.executable, "-m", "experiments", *args]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def records_of(folder):
+    payload = json.loads((pathlib.Path(folder) / "results.json").read_text())
+    return payload["meta"], payload["records"]
+
+
+def assert_same_records(got, want, rtol=0.0):
+    """Equal records (up to ``rtol`` on numbers), their wall times aside."""
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "wall_seconds":
+                continue
+            if rtol and isinstance(a[key], float | list) and key != "hyperparameters":
+                np.testing.assert_allclose(
+                    np.asarray(a[key], float), np.asarray(b[key], float), rtol=rtol
+                )
+            else:
+                assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eight")
+    stdout = run([*TINY, "--devices", "8", "--out", str(out)])
+    return out, stdout
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_any_device_count_gives_the_records_of_eight(devices, eight, tmp_path):
+    stdout = run([*TINY, "--devices", str(devices), "--out", str(tmp_path)])
+    assert stdout.splitlines()[0] == f"devices: {devices} x cpu (simulated); tiny scale"
+    meta, got = records_of(tmp_path)
+    assert meta["devices"] == devices and meta["processes"] == 1
+    # The same workers and draws on fewer devices: the same runs up to float32 rounding
+    # (the devices' sums associate differently).
+    assert_same_records(got, records_of(eight[0])[1], rtol=1e-5)
+
+
+def test_auto_says_it_simulates_eight_devices_without_an_accelerator(tmp_path):
+    stdout = run([*TINY, "--out", str(tmp_path)])
+    assert stdout.splitlines()[0] == (
+        "devices: 8 x cpu (simulated; no accelerator found); tiny scale"
+    )
+    assert records_of(tmp_path)[0]["devices"] == 8
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_give_the_records_of_one_of_eight(eight, tmp_path):
+    out, port = tmp_path / "two", free_port()
+    common = [*TINY, "--devices", "4", "--out", str(out), "--coordinator", f"127.0.0.1:{port}"]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            *common,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ]
+        for i in range(2)
+    ]
+    processes = [
+        subprocess.Popen(c, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:  # never leave a process behind
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in processes] == [0, 0], [e[-2000:] for _, e in outputs]
+    assert outputs[0][0].splitlines()[0] == "devices: 8 x cpu (simulated), 2 processes; tiny scale"
+    assert "report:" in outputs[0][0] and "report:" not in outputs[1][0]  # process 0 writes
+    meta, got = records_of(out)
+    assert meta["processes"] == 2 and meta["devices"] == 8
+    # Each process computes its own workers' gradients; the all-reduce across processes
+    # sums in another order than within one: equal up to float32 rounding.
+    assert_same_records(got, records_of(eight[0])[1], rtol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in eight[0].iterdir())
+
+
+def test_an_override_changes_the_run_is_recorded_and_rerun_reproduces_it(tmp_path):
+    out = tmp_path / "run"
+    main([*TINY, "--devices", "8", "--out", str(out), "--set", "delays=(0, 3)", "--set", "seeds=2"])
+    config = json.loads((out / "config.json").read_text())
+    assert "delays=(0, 3)" in config["sizes"]["classic"] and "seeds=2" in config["sizes"]["classic"]
+    _, rows = records_of(out)
+    assert {r["delay"] for r in rows} == {"none", "uniform(3)"}  # not the tiny scale's 2
+    assert {r["seed"] for r in rows} == {0, 1}
+    main(["rerun", str(out), "--no-progress"])
+    meta, again = records_of(tmp_path / "run-rerun")
+    assert meta["command"] == config["command"]
+    assert_same_records(again, rows)  # bitwise
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [("steps=5", "no study run here has the field 'steps'"), ("seeds", "FIELD=VALUE")],
+)
+def test_a_bad_override_names_the_fields(item, match, capsys):
+    with pytest.raises(SystemExit, match=match):
+        main([*TINY, "--set", item])
+
+
+def test_the_console_script_runs_from_any_directory(tmp_path):
+    script = pathlib.Path(sys.executable).parent / "fsq-experiments"
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, env=ENV
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--devices" in result.stdout and "--set" in result.stdout
+    assert "``" not in result.stdout and ":data:" not in result.stdout  # no Sphinx markup
+    run([*TINY, "--out", "here"], cwd=tmp_path)  # python -m experiments, outside the repo
+    assert (tmp_path / "here" / "report.md").exists()
