@@ -237,8 +237,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         "wall_seconds": seconds,
     }
     records.write(results, meta, out)
+    records.write_curves(results, out)
     path = report.write(out)
     print(f"report: {path} (results: {out / records.RESULTS_JSON}, {out / records.RESULTS_CSV})")
+    print(f"curves: tensorboard --logdir {out / records.CURVES}")
     return path
 
 

@@ -6,6 +6,7 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.ticker import FuncFormatter, NullFormatter
 from tabulate import tabulate
 
 from experiments.records import Record, headline, higher_is_better, mean
@@ -142,7 +143,6 @@ def series(ax, xs, ys, *, index: int, label: str, higher_is_better: bool, **kwar
 
 def plain_ticks(axis) -> None:
     """Tick labels as plain numbers (2.2, not 2.2x10^0), minor ticks too."""
-    from matplotlib.ticker import FuncFormatter
 
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
@@ -161,14 +161,13 @@ def loss_scale(ax, values) -> None:
         ax.set_yscale("symlog", linthresh=float(10 ** np.floor(np.log10(bulk))))
     else:
         ax.set_yscale("log")
-        if values.size and values.max() / values.min() < 100:  # few decades: minor labels
-            plain_ticks(ax.yaxis)
+        plain_ticks(ax.yaxis)
+        if values.size and values.max() / values.min() >= 10:  # decades: minor labels collide
+            ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def speedup_axes(ax) -> None:
     """Workers against speed-up, both on base-2 log scales with plain numbers (4, not 2^2)."""
-    from matplotlib.ticker import FuncFormatter
-
     for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
         scale("log", base=2)
         axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))

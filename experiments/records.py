@@ -270,6 +270,32 @@ def write(records: Iterable[Record], meta: Mapping[str, Any], out: pathlib.Path)
             writer.writerow({**row, "hyperparameters": json.dumps(row["hyperparameters"])})
 
 
+CURVES = "curves"  # the per-step metrics' folder: TensorBoard event files and CSVs
+
+
+def write_curves(records: Iterable[Record], out: pathlib.Path) -> None:
+    """Writes every run's training-loss curve as per-step metrics with
+    :class:`fsq.MetricWriter` (TensorBoard event files and a CSV), one writer per study,
+    task, method and length under ``out / curves``, one scalar per run
+    (``DELAY/lr=LR/seed=SEED``) at the last step of each curve window:
+    ``tensorboard --logdir out/curves`` shows them."""
+    import fsq
+
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.study, r.task, r.method, r.steps, len(r.curve)), []).append(r)
+    for (study, task, method, steps, points), runs in groups.items():
+        name = f"{study}/{task}/{method}/{steps} steps".replace(" ", "_")
+        tags = [f"{r.delay}/lr={_field(r, 'learning_rate')}/seed={r.seed}" for r in runs]
+        tags = [f"{t}/{i}" for i, t in enumerate(tags)] if len(set(tags)) < len(tags) else tags
+        with fsq.MetricWriter(out / CURVES / name) as writer:
+            for j in range(points):
+                step = round((j + 1) * steps / points)
+                values = {t: r.curve[j] for t, r in zip(tags, runs, strict=True)}
+                # A non-finite loss is stored as None (JSON): NaN on the curve.
+                writer.write(step, {t: math.nan if v is None else v for t, v in values.items()})
+
+
 def read(out: pathlib.Path) -> tuple[dict[str, Any], list[Record]]:
     """The ``meta`` and the records of ``out / results.json``."""
     payload = json.loads((out / RESULTS_JSON).read_text())

@@ -17,6 +17,7 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from experiments import records
 from experiments.presentation import figure, image, metric_axis, plotted, save, series
@@ -31,11 +32,6 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     seconds = meta.get("wall_seconds", {})
     timing = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     lines = [
-        # Front matter for the Sphinx site (docs/studies/): the page may sit outside a toctree.
-        "---",
-        "orphan: true",
-        "---",
-        "",
         f"# fsq studies: {', '.join(group(rows, 'study'))}",
         "",
         f"Generated from `{records.RESULTS_JSON}` by `python -m experiments report`. "
@@ -115,6 +111,7 @@ def plot_bytes(rows: list[Record], out: pathlib.Path) -> None:
                 higher_is_better=higher_is_better(runs[0]),
             )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
         metric_axis(ax, runs[0])
         ax.set_xlabel("bytes sent per worker over the run")
         ax.set_title(task)

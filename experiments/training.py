@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -36,6 +37,7 @@ import fsq
 from experiments.tasks.base import Task
 
 Hyperparameters = dict[str, jax.Array]
+_SAID: set[tuple[int, int]] = set()  # (W, D) layouts whose unused devices were reported
 
 # Told how many training steps (runs x steps) each finished program ran: the runner's
 # progress bar.
@@ -148,6 +150,13 @@ def train(
       An :class:`Outcome`.
     """
     mesh = fsq.parallel.make_mesh(math.gcd(num_workers, num_devices))
+    if mesh.devices.size < num_devices and (num_workers, num_devices) not in _SAID:
+        _SAID.add((num_workers, num_devices))
+        print(
+            f"note: {num_workers} workers run on {mesh.devices.size} of the {num_devices} "
+            f"devices (the workers must split evenly over the devices used)",
+            file=sys.stderr,
+        )
     local = num_workers // mesh.devices.size
     sizes = [batch_size] * num_workers if worker_batch_sizes is None else list(worker_batch_sizes)
     width, sizes = max(sizes), jnp.asarray(sizes)

@@ -118,3 +118,15 @@ def test_the_modules_the_docstrings_name_import(name):
 
     module = importlib.import_module(f"fsq.{name}")
     assert module is getattr(fsq, name) and module.__doc__
+
+
+def test_user_docs_name_studies_not_issues():
+    """Readers have no issue tracker: the pages name studies, not "issue 4"."""
+    pages = [*DOCS.rglob("*.md"), DOCS.parent / "README.md"]
+    pages = [p for p in pages if "_build" not in p.parts]
+    found = [
+        (p.name, m.group(0))
+        for p in pages
+        for m in re.finditer(r"\bissues? ?#?\d+", p.read_text(), flags=re.IGNORECASE)
+    ]
+    assert len(pages) > 20 and not found, found

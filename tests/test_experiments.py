@@ -480,3 +480,12 @@ def test_local_section_reads_equal_compute_and_time_by_hand():
     assert cells["DiLoCo H=50"][1:5] == ("0.01", "0.2000", "66.7%", "-0.1000")
     assert cells["DiLoCo H=50"][-1] == "0.062x"
     assert cells["synchronous"][-1] == "1.000x"
+
+
+def test_results_page_shows_the_checked_in_records():
+    """docs/results.md's generated tables are those of the records beside it, today."""
+    from experiments import results_page
+
+    text = results_page.PAGE.read_text()
+    assert results_page.render(text) == text
+    assert "<!-- begin generated: coordination -->\n\n**momentum**" in text

@@ -2,6 +2,7 @@
 recorded and rerun, and the console script from any directory."""
 
 import contextlib
+import csv
 import json
 import os
 import pathlib
@@ -126,6 +127,15 @@ def test_an_override_changes_the_run_is_recorded_and_rerun_reproduces_it(tmp_pat
     _, rows = records_of(out)
     assert {r["delay"] for r in rows} == {"none", "uniform(3)"}  # not the tiny scale's 2
     assert {r["seed"] for r in rows} == {0, 1}
+    # Every run's curve is written as per-step metrics (CSV beside the TensorBoard events).
+    for row in rows:
+        folder = out / "curves" / "classic" / "quadratic" / row["method"] / "20_steps"
+        with (folder / "metrics.csv").open() as f:
+            table = list(csv.DictReader(f))
+        tag = f"{row['delay']}/lr={row['hyperparameters']['learning_rate']}/seed={row['seed']}"
+        assert [float(t[tag]) for t in table] == pytest.approx(row["curve"], rel=1e-7)
+        assert [int(t["step"]) for t in table] == list(range(1, 21))
+        assert any(p.name.startswith("events.out.tfevents") for p in folder.iterdir())
     main(["rerun", str(out), "--no-progress"])
     meta, again = records_of(tmp_path / "run-rerun")
     assert meta["command"] == config["command"]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import fsq
 from experiments import mnist1d
+from experiments.presentation import figure, save, series
 
 WORKERS, BATCH = 8, 32
 SEEDS = (0, 1, 2)
@@ -219,36 +220,37 @@ def table(records: dict) -> str:
 
 
 def plot(records: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(INNERS), figsize=(6 * len(INNERS), 4), sharey=True)
+    plt, fig, axes = figure(len(INNERS), width=6.5)
     uniform = [d for d in DELAYS if d.startswith("uniform")]
     xs = [0] + [DELAYS[d].max_delay for d in uniform]
-    for ax, inner in zip(np.atleast_1d(axes), INNERS, strict=True):
+    for ax, inner in zip(axes, INNERS, strict=True):
         runs = [r for r in records["runs"] if r["inner"] == inner]
         sync = np.mean(next(r for r in runs if r["method"] == "synchronous")["test_accuracy"])
-        for method in METHODS:
-            ys = [sync] + [
-                np.mean(
-                    next(r for r in runs if r["method"] == method and r["delay"] == d)[
-                        "test_accuracy"
-                    ]
-                )
-                for d in uniform
+        for i, method in enumerate(METHODS):
+            cells = [
+                next(r for r in runs if r["method"] == method and r["delay"] == d) for d in uniform
             ]
-            ax.plot(xs, 100 * np.asarray(ys), marker="o", label=method)
-        ax.axhline(100 * sync, color="gray", linestyle="--", linewidth=0.8)
+            # A cell whose every seed diverged is marked, not averaged.
+            ys = [sync] + [
+                np.nan if all(c["diverged"]) else np.mean(c["test_accuracy"]) for c in cells
+            ]
+            series(
+                ax,
+                xs,
+                100 * np.asarray(ys),
+                index=i,
+                label=method,
+                higher_is_better=True,
+                marker="o",
+            )
+        ax.axhline(100 * sync, color="gray", linestyle=":", linewidth=0.8)
         ax.set_xscale("symlog", linthresh=4)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_title(f"{inner} inner, MNIST-1D MLP, {WORKERS} workers")
         ax.set_xlabel("max_delay (uniform delays)")
         ax.set_ylabel("test accuracy (%)")
-    np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        ax.legend(loc="lower left", fontsize=7)  # below the curves, where they diverged
+    save(plt, fig, path)
 
 
 def main(out: pathlib.Path, quick: bool) -> None:

@@ -13,6 +13,7 @@ import pathlib
 from typing import Any, NamedTuple
 
 import numpy as np
+from matplotlib.ticker import NullLocator
 
 from experiments import records, tasks, training
 from experiments.presentation import (
@@ -200,6 +201,9 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
         if np.isfinite(plotted(sync)):
             ax.axhline(plotted(sync), color="gray", linestyle="--", linewidth=0.8)
         ax.set_xscale("symlog", linthresh=4)
+        ticks = sorted({0} | {r.hyperparameters.get("max_delay", 0) for r in runs})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
         metric_axis(ax, runs[0])
         ax.set_xlabel("max delay (uniform)")
         ax.set_title(f"{task}, {inner} inner")
