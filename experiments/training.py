@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import itertools
 import math
 import sys
@@ -30,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.experimental import multihost_utils
 
 import fsq
 from experiments.tasks.base import Task
@@ -96,6 +94,12 @@ class UniformUpTo(fsq.delays.DelayModel):
         logits = jnp.where(jnp.arange(self.max_delay + 1) <= self.bound, 0.0, -jnp.inf)
         logits = logits.astype(jnp.float32)  # the same draws with x64 enabled
         return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def _device_mean(losses: np.ndarray) -> np.ndarray:
+    """The mean over the devices' workers (axis 0); a diverged run's inf stays inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.mean(np.asarray(losses), axis=0)
 
 
 def flying_squirrel(
@@ -210,8 +214,7 @@ def train(
         staleness = jnp.sum(stale) / jnp.maximum(jnp.sum(delivered), 1)
         return params, losses.reshape(-1), test_curve, staleness
 
-    # Outputs replicated on every device: every process of a multi-process job reads them.
-    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+    @jax.jit
     def program(values, seeds):
         # Every device returns every run; all but the losses (of its own workers) are the
         # same on all devices.
@@ -232,7 +235,10 @@ def train(
     start = time.perf_counter()
     if test_points and steps % test_points:
         raise ValueError(f"steps={steps} must be a multiple of test_points={test_points}")
-    losses, metrics, test_curve, staleness = jax.device_get(program(values, run_seeds))
+    outputs = program(values, run_seeds)
+    if jax.process_count() > 1:  # every process reads every output, all devices' parts
+        outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    losses, metrics, test_curve, staleness = jax.device_get(outputs)
     wall = time.perf_counter() - start
     if (done := STEPS_DONE.get()) is not None:
         done(len(points) * steps)
@@ -241,7 +247,7 @@ def train(
     return Outcome(
         {name: tuple(v) for name, v in grid.items()},
         tuple(seeds),
-        np.mean(np.asarray(losses), axis=0).reshape(*shape, steps),
+        _device_mean(losses).reshape(*shape, steps),
         {name: np.asarray(v).reshape(shape) for name, v in metrics.items()},
         np.asarray(test_curve).reshape(*shape, -1) if test_points else None,
         np.asarray(staleness).reshape(shape),

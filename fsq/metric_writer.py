@@ -39,7 +39,8 @@ class MetricWriter:
         by ``pip install fsq[metrics]``); ``False``: the CSV only.
 
     The CSV's columns are ``step`` and the names of the first :meth:`write`, sorted; a
-    later write with other names raises, so that no column is silently dropped.
+    later write with other names raises, so that no column is silently dropped. A NaN or
+    infinite value is written to the CSV only (TensorBoard has no point to draw).
     """
 
     def __init__(self, logdir: str | os.PathLike, *, tensorboard: bool = True):
@@ -80,7 +81,8 @@ class MetricWriter:
         self._rows.writerow([int(step), *(_text(values[c]) for c in self._columns)])
         if self._events is not None:
             for name, value in values.items():
-                self._events.add_scalar(name, value, int(step))
+                if math.isfinite(value):  # TensorBoard draws no point for NaN or inf
+                    self._events.add_scalar(name, value, int(step))
 
     def flush(self) -> None:
         """Writes what is buffered to disk."""

@@ -56,7 +56,7 @@ SIZES = {
     ),
     "quick": Size(
         {"quadratic": (2000, 1, 0.7, 5)},
-        (1, 2, 4, 8, 16),
+        (1, 2, 4, 8),
         2,
         {"quadratic": wallclock.TaskSize(150, 1, 0.3, 3)},
     ),
