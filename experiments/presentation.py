@@ -141,6 +141,14 @@ def series(ax, xs, ys, *, index: int, label: str, higher_is_better: bool, **kwar
         )
 
 
+def points(ax, xs, cells: Sequence[Sequence[Record]], *, index: int, label: str) -> None:
+    """A method's headline metric per cell of runs against ``xs``, as a :func:`series` of
+    dots (a cell whose every run diverged marked)."""
+    values = [plotted(cell) for cell in cells]
+    better = higher_is_better(cells[0][0])
+    series(ax, xs, values, index=index, label=label, higher_is_better=better, marker="o")
+
+
 def plain_ticks(axis) -> None:
     """Tick labels as plain numbers (2.2, not 2.2x10^0), minor ticks too."""
 

@@ -27,15 +27,14 @@ from experiments.presentation import (
     loss_scale,
     metric_axis,
     metric_name,
-    plotted,
+    points,
     relative,
     save,
-    series,
     style,
     summary,
     table_block,
 )
-from experiments.records import Record, best_rate, group, higher_is_better
+from experiments.records import Record, best_rate, group
 from experiments.studies import base
 from experiments.studies.base import SYNCHRONOUS
 
@@ -195,16 +194,7 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
         for i, (method, by_method) in enumerate(group(runs, "method").items()):
             sync = group([r for r in by_method if r.delay == SYNCHRONOUS], "learning_rate")
             rates = sorted(sync)
-            values = [plotted(sync[lr]) for lr in rates]
-            series(
-                ax,
-                rates,
-                values,
-                index=i,
-                label=method,
-                higher_is_better=higher_is_better(runs[0]),
-                marker="o",
-            )
+            points(ax, rates, [sync[lr] for lr in rates], index=i, label=method)
         metric_axis(ax, runs[0])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (synchronous)")
@@ -217,16 +207,7 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
             sync = [r for r in by_method if r.delay == SYNCHRONOUS]
             at_lr = group(group(by_method, "learning_rate")[best_rate(sync)], "delay")
             bounds = [r.hyperparameters["max_delay"] for r in (v[0] for v in at_lr.values())]
-            values = [plotted(v) for v in at_lr.values()]
-            series(
-                ax,
-                bounds,
-                values,
-                index=i,
-                label=method,
-                higher_is_better=higher_is_better(runs[0]),
-                marker="o",
-            )
+            points(ax, bounds, list(at_lr.values()), index=i, label=method)
         metric_axis(ax, runs[0])
         ax.set_xlabel("max delay (uniform), lr frozen")
         ax.set_title(task)

@@ -23,13 +23,13 @@ from experiments.presentation import (
     metric_axis,
     metric_name,
     plotted,
+    points,
     relative,
     save,
-    series,
     summary,
     table_block,
 )
-from experiments.records import Record, best_rate, group, higher_is_better
+from experiments.records import Record, best_rate, group
 from experiments.studies import base
 from experiments.studies.base import SYNCHRONOUS, SYNCHRONOUS_METHOD
 
@@ -188,16 +188,7 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
         for i, method in enumerate(methods):
             cells = group(group(runs, "method")[method], "delay")
             bounds = [0] + [v[0].hyperparameters["max_delay"] for v in cells.values()]
-            values = [plotted(sync)] + [plotted(v) for v in cells.values()]
-            series(
-                ax,
-                bounds,
-                values,
-                index=i,
-                label=method,
-                higher_is_better=higher_is_better(runs[0]),
-                marker="o",
-            )
+            points(ax, bounds, [sync, *cells.values()], index=i, label=method)
         if np.isfinite(plotted(sync)):
             ax.axhline(plotted(sync), color="gray", linestyle="--", linewidth=0.8)
         ax.set_xscale("symlog", linthresh=4)
