@@ -67,17 +67,23 @@ def batch(record: Record) -> str:
     return f"batch {record.hyperparameters['batch_size']}"
 
 
+def _percent(rows: Sequence[Record], reference: Sequence[Record]) -> float | None:
+    """The metric of ``rows`` in % of ``reference``'s, over the runs that did not diverge
+    (``None`` if either has none)."""
+    if not converged(rows) or not converged(reference):
+        return None
+    return 100 * mean(converged(rows)) / mean(converged(reference))
+
+
 def relative(rows: Sequence[Record], reference: Sequence[Record]) -> str:
     """`` (x%)`` of the reference's metric, over the runs that did not diverge."""
-    if not higher_is_better(rows[0]) or not converged(rows) or not converged(reference):
-        return ""
-    return f" ({100 * mean(converged(rows)) / mean(converged(reference)):.0f}%)"
+    percent = _percent(rows, reference)
+    return "" if not higher_is_better(rows[0]) or percent is None else f" ({percent:.0f}%)"
 
 
 def percent_of(rows: Sequence[Record], reference: Sequence[Record]) -> str:
-    if not converged(rows) or not converged(reference):
-        return diverged_tag(rows) or "-"
-    return f"{100 * mean(converged(rows)) / mean(converged(reference)):.1f}%"
+    percent = _percent(rows, reference)
+    return (diverged_tag(rows) or "-") if percent is None else f"{percent:.1f}%"
 
 
 LINESTYLES = ("-", "--", "-.", ":")

@@ -114,10 +114,10 @@ class DataParallel:
             {s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)}
         )
 
+        self._graphdef, self._streams = graphdef, streams
+
         def worker_loss(params, batch, *, key, model_state=None):
-            # The variables are rebuilt in this trace, where the model may write them.
-            parts = [streams] + ([] if model_state is None else [model_state])
-            copy = nnx.merge(graphdef, params, *jax.tree.map(jnp.asarray, parts))
+            copy = self._copy(params, model_state)
             copy.train()
             nnx.reseed(copy, **{n: jax.random.fold_in(key, zlib.crc32(n.encode())) for n in names})
             out = loss_fn(copy, batch)
@@ -137,7 +137,6 @@ class DataParallel:
             seed=seed,
             donate_params=False,  # the module holds them, and so may its clones
         )
-        self._graphdef, self._streams = graphdef, streams
         stateful = bool(jax.tree.leaves(model_state))
         self._state = self.data_parallel.init(params, model_state if stateful else None)
         self._evaluators: dict[Callable, Callable] = {}
@@ -181,18 +180,21 @@ class DataParallel:
           batch: the examples.
         """
         if metric_fn not in self._evaluators:
-            graphdef, streams = self._graphdef, self._streams
 
             def on_model(variables, batch):
-                params, model_state = variables
-                rest = [] if model_state is None else [model_state]
-                model = nnx.merge(graphdef, params, streams, *rest)
+                model = self._copy(*variables)
                 model.eval()
                 return metric_fn(model, batch)
 
             self._evaluators[metric_fn] = evaluator(on_model, mesh=self.data_parallel.mesh)
         variables = (self._state.params, self._state.model_state)
         return self._evaluators[metric_fn](variables, batch)
+
+    def _copy(self, params: Any, model_state: Any) -> nnx.Module:
+        """A copy of the model with these variables (and its random streams), built in
+        the current trace, where the model may write them."""
+        parts = [self._streams] + ([] if model_state is None else [model_state])
+        return nnx.merge(self._graphdef, params, *jax.tree.map(jnp.asarray, parts))
 
     def _sync(self) -> None:
         """The model's variables become the state's (the arrays themselves, no copy)."""

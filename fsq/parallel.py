@@ -348,7 +348,6 @@ __all__ = [
     "WORKER_AXIS",
     "DataParallel",
     "TrainState",
-    "average_over_workers",
     "data_parallel",
     "evaluator",
     "make_mesh",
