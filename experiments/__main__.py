@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-from experiments import records, report
+from experiments import records, report, training
 from experiments.studies import STUDIES, Settings, coordination
 from experiments.studies.base import step_bar
 
@@ -75,6 +75,13 @@ def parser() -> argparse.ArgumentParser:
         "--distributed",
         action="store_true",
         help="multi-process, found by jax.distributed.initialize() (TPU pods, SLURM)",
+    )
+    p.add_argument(
+        "--exchange",
+        choices=["dense", "ordered"],
+        default="dense",
+        help="how workers' messages are summed: dense (an all-reduce) or ordered (in worker "
+        "order: records bit for bit the same over any split of the devices into processes)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     if args.study == "rerun":
         config = read_config(args.directory)
         args.devices = str(config["devices_arg"])
+        args.exchange = config.get("exchange", "dense")
+    training.EXCHANGE.set(args.exchange)
     num_devices, first_line = start_devices(args)
     writer = jax.process_index() == 0
 
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         "scale": scale,
         "seeds": None if seeds is None else list(seeds),
         "devices_arg": args.devices,
+        "exchange": args.exchange,
         "sizes": sizes,
     }
     if writer:
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         "devices": settings.num_devices,
         "platform": jax.default_backend(),
         "processes": jax.process_count(),
+        "exchange": args.exchange,
         "jax": jax.__version__,
         "wall_seconds": seconds,
     }

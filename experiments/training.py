@@ -42,6 +42,9 @@ _SAID: set[tuple[int, int]] = set()  # (W, D) layouts whose unused devices were 
 STEPS_DONE: contextvars.ContextVar[Callable[[int], object] | None] = contextvars.ContextVar(
     "steps_done", default=None
 )
+# How Flying Squirrel's delay lines exchange messages: "dense" (an all-reduce) or
+# "ordered" (added in worker order: the same records over any split into processes).
+EXCHANGE: contextvars.ContextVar[str] = contextvars.ContextVar("exchange", default="dense")
 MakeTx = Callable[[Hyperparameters, jax.Array], optax.GradientTransformation]
 
 
@@ -105,9 +108,14 @@ def _device_mean(losses: np.ndarray) -> np.ndarray:
 def flying_squirrel(
     inner: optax.GradientTransformation, num_workers: int, seed: jax.Array, **kwargs
 ) -> optax.GradientTransformationExtraArgs:
-    """:func:`fsq.flying_squirrel` on the trainer's worker axes (the layout of ``fsq.parallel``)."""
+    """:func:`fsq.flying_squirrel` on the trainer's worker axes (the layout of ``fsq.parallel``),
+    exchanging as the runner says (:data:`EXCHANGE`) unless ``kwargs`` say otherwise."""
     return fsq.flying_squirrel(
-        inner, num_workers=num_workers, axis_name=fsq.parallel.AXIS_NAME, seed=seed, **kwargs
+        inner,
+        num_workers=num_workers,
+        axis_name=fsq.parallel.AXIS_NAME,
+        seed=seed,
+        **{"exchange": EXCHANGE.get(), **kwargs},
     )
 
 

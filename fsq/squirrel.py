@@ -152,8 +152,10 @@ def flying_squirrel(
       compression: a :mod:`fsq.compression` operator (``top_k``, ``random_k``, ``sign``,
         ``quantize``), with error feedback by default (a per-worker residual);
         ``None`` sends the dense gradient.
-      exchange: ``"dense"`` (default) or ``"sparse"`` (with ``top_k`` / ``random_k``):
-        how the delay line exchanges messages (:mod:`fsq.transforms.line`).
+      exchange: ``"dense"`` (default), ``"sparse"`` (with ``top_k`` / ``random_k``) or
+        ``"ordered"`` (the workers' messages added in worker order: bit for bit the same
+        over any split of the devices into processes, at the cost of an all-gather): how
+        the delay line exchanges messages (:mod:`fsq.transforms.line`).
       worker_momentum: :math:`\beta \in [0, 1)`: each worker sends its momentum
         :math:`m_i \leftarrow \beta m_i + (1 - \beta) g_i` instead of its gradient
         (:func:`fsq.transforms.worker_momentum`), so that a robust ``aggregation`` can tell

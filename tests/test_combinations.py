@@ -77,12 +77,16 @@ def assert_counts(metrics, counts):
         np.testing.assert_array_equal(metrics[name], counts[name], err_msg=name)
 
 
-@pytest.mark.parametrize("on_stale", ["drop", "wait"])
-def test_error_feedback_with_crashes_bounds_and_nan(on_stale):
+@pytest.mark.parametrize(
+    "on_stale, exchange", [("drop", "dense"), ("wait", "dense"), ("wait", "ordered")]
+)
+def test_error_feedback_with_crashes_bounds_and_nan(on_stale, exchange):
     """A message that carries nothing (down, rejected, dropped) leaves the residual as it
-    was; every other one updates it."""
+    was; every other one updates it (with the sums added in worker order too)."""
     top = compression.top_k(0.34)
-    path, metrics, state = run(faults=CRASHES, max_staleness=1, on_stale=on_stale, compression=top)
+    path, metrics, state = run(
+        faults=CRASHES, max_staleness=1, on_stale=on_stale, compression=top, exchange=exchange
+    )
     want, counts, residual, _ = expected(
         bound=1,
         on_stale=on_stale,

@@ -57,6 +57,13 @@ def eight(tmp_path_factory):
     return out, stdout
 
 
+@pytest.fixture(scope="module")
+def eight_ordered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eight_ordered")
+    run([*TINY, "--devices", "8", "--exchange", "ordered", "--out", str(out)])
+    return out
+
+
 @pytest.mark.parametrize("devices", [1, 4])
 def test_any_device_count_gives_the_records_of_eight(devices, eight, tmp_path):
     stdout = run([*TINY, "--devices", str(devices), "--out", str(tmp_path)])
@@ -82,9 +89,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_give_the_records_of_one_of_eight(eight, tmp_path):
+@pytest.mark.parametrize("exchange", ["ordered", "dense"])
+def test_two_processes_of_four_devices_give_the_records_of_one_of_eight(
+    exchange, eight, eight_ordered, tmp_path
+):
     out, port = tmp_path / "two", free_port()
     common = [*TINY, "--devices", "4", "--out", str(out), "--coordinator", f"127.0.0.1:{port}"]
+    common += ["--exchange", exchange]
     commands = [
         [
             sys.executable,
@@ -112,17 +123,24 @@ def test_two_processes_of_four_devices_give_the_records_of_one_of_eight(eight, t
     assert outputs[0][0].splitlines()[0] == "devices: 8 x cpu (simulated), 2 processes; tiny scale"
     assert "report:" in outputs[0][0] and "report:" not in outputs[1][0]  # process 0 writes
     meta, got = records_of(out)
-    assert meta["processes"] == 2 and meta["devices"] == 8
-    # Each process computes its own workers' gradients; the all-reduce across processes
-    # sums in another order than within one: equal up to float32 rounding.
-    assert_same_records(got, records_of(eight[0])[1], rtol=1e-5)
+    assert meta["processes"] == 2 and meta["devices"] == 8 and meta["exchange"] == exchange
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in eight[0].iterdir())
+    if exchange == "ordered":  # the workers' sums added in worker order: bit for bit
+        assert_same_records(got, records_of(eight_ordered)[1])
+        return
+    # The all-reduce across processes sums in another order than within one: equal up to
+    # float32 rounding, and not bitwise (what the ordered exchange is for).
+    want = records_of(eight[0])[1]
+    assert_same_records(got, want, rtol=1e-5)
+    assert got != [{**w, "wall_seconds": g["wall_seconds"]} for g, w in zip(got, want, strict=True)]
 
 
 def test_an_override_changes_the_run_is_recorded_and_rerun_reproduces_it(tmp_path):
     out = tmp_path / "run"
-    main([*TINY, "--devices", "8", "--out", str(out), "--set", "delays=(0, 3)", "--set", "seeds=2"])
+    overrides = ["--set", "delays=(0, 3)", "--set", "seeds=2", "--exchange", "ordered"]
+    main([*TINY, "--devices", "8", "--out", str(out), *overrides])
     config = json.loads((out / "config.json").read_text())
+    assert config["exchange"] == "ordered"
     assert "delays=(0, 3)" in config["sizes"]["classic"] and "seeds=2" in config["sizes"]["classic"]
     _, rows = records_of(out)
     assert {r["delay"] for r in rows} == {"none", "uniform(3)"}  # not the tiny scale's 2
@@ -138,7 +156,7 @@ def test_an_override_changes_the_run_is_recorded_and_rerun_reproduces_it(tmp_pat
         assert any(p.name.startswith("events.out.tfevents") for p in folder.iterdir())
     main(["rerun", str(out), "--no-progress"])
     meta, again = records_of(tmp_path / "run-rerun")
-    assert meta["command"] == config["command"]
+    assert meta["command"] == config["command"] and meta["exchange"] == "ordered"
     assert_same_records(again, rows)  # bitwise
 
 

@@ -21,6 +21,13 @@ over all workers. Two exchanges:
   device's ring, which therefore holds the sums over every worker; delivery needs no
   collective. With positions shared by every worker (random-k) only the values travel.
 
+- ``"ordered"``: as dense, but each worker's messages are summed apart and delivery
+  all-gathers the :math:`W` workers' sums, then adds them in worker order. An all-reduce
+  adds the devices' rows in an order of its own (another across processes than within
+  one); in worker order the sum is the same on every layout, so a job split over
+  processes delivers bit for bit what one process delivers. It costs the all-gather of
+  :math:`W` rows instead of an all-reduce of one, and a buffer :math:`W/D` times wider.
+
 When the delivery side keeps the workers apart (a robust aggregation), each worker's
 messages are summed apart and delivery all-gathers the :math:`W` workers' sums.
 
@@ -44,9 +51,9 @@ from jax import lax
 
 from fsq import _axes, _random, delays
 from fsq.transforms import ring, wire
-from fsq.transforms.message import Arrival, Context, Message, Totals
+from fsq.transforms.message import Arrival, Context, DeliverTransformation, Message, Totals
 
-EXCHANGES = ("dense", "sparse")
+EXCHANGES = ("dense", "sparse", "ordered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +62,7 @@ class DelayLine:
 
     Attributes:
       model: the :mod:`fsq.delays` model.
-      exchange: ``"dense"`` or ``"sparse"``.
+      exchange: ``"dense"``, ``"sparse"`` or ``"ordered"``.
     """
 
     model: delays.DelayModel
@@ -95,8 +102,8 @@ def delay_line(delay: int | delays.DelayModel = 0, *, exchange: str = "dense") -
 
     Args:
       delay: the delay model.
-      exchange: ``"dense"`` or ``"sparse"`` (see the module; sparse needs a sparse
-        compressor on the worker side, and the mean aggregation).
+      exchange: ``"dense"``, ``"sparse"`` or ``"ordered"`` (see the module; sparse
+        needs a sparse compressor on the worker side, and the mean aggregation).
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -174,7 +181,26 @@ def totals(due: ring.Due, num_workers: int, apart: bool) -> Totals:
     if not apart:
         return Totals(*ring.read(due, -wire.NUM_TOTALS))
     rows = ring.read(due).reshape(num_workers, -1)
-    return Totals(*jnp.sum(rows[:, -wire.NUM_TOTALS :], axis=0))
+    return Totals(*sum_in_order(rows[:, -wire.NUM_TOTALS :]))
+
+
+def sum_in_order(x: jax.Array) -> jax.Array:
+    """``x[0] + x[1] + ...`` over the leading (worker) axis, added in that order whatever
+    the program around it, so that every layout rounds the same way."""
+    total, _ = lax.scan(lambda acc, row: (acc + row, None), jnp.zeros_like(x[0]), x)
+    return total
+
+
+def merge_in_order() -> DeliverTransformation:
+    """The delivery piece of the ``"ordered"`` exchange: the workers' sums, kept apart by
+    the line, added in worker order (:func:`sum_in_order`)."""
+
+    def update(arrival, state, params, context):
+        del params, context
+        channels = tuple(jax.tree.map(sum_in_order, c) for c in arrival.channels)
+        return arrival._replace(channels=channels, by_worker=None, rows=None), state
+
+    return DeliverTransformation(lambda params, layout: optax.EmptyState(), update, True)
 
 
 def arrival(

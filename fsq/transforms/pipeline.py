@@ -97,6 +97,8 @@ def pipeline(
     apart = any(piece.workers_apart for piece in deliver)
     if any(piece.workers_apart for piece in deliver[1:]):
         raise ValueError("a piece that keeps the workers apart (robust) must come first in deliver")
+    if line.exchange == "ordered" and not apart:  # the mean, added in worker order
+        deliver, apart = (_line.merge_in_order(), *deliver), True
     if apart and line.exchange == "sparse":
         raise ValueError('exchange="sparse" works with the mean aggregation only')
     pipeline = Pipeline(send, deliver, delays, num_channels, wire_bytes, apart)
