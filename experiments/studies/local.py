@@ -77,7 +77,8 @@ IN_BYTES_PLOT = False
 
 class Size(NamedTuple):
     """Per scale: the model, ``T`` steps, batch per worker, seeds, evaluations per ``T``
-    steps, learning rates, DiLoCo's round lengths, streaming's fragments."""
+    steps, learning rates, DiLoCo's round lengths, streaming's fragments, and whether
+    async local SGD runs."""
 
     width: int
     layers: int
@@ -89,11 +90,14 @@ class Size(NamedTuple):
     rates: tuple[float, ...]
     rounds: tuple[int, ...]
     fragments: int
+    async_local: bool = True
 
 
 SIZES = {
     "full": Size(32, 2, 32, 1000, 16, 2, 10, (1e-3, 3e-3, 1e-2, 3e-2), (10, 50, 200), 10),
-    "quick": Size(16, 2, 16, 200, 8, 1, 2, (1e-2,), (50,), 10),
+    # Each method is a compilation of most of a minute on 2 cores: the main job leaves
+    # async local SGD out.
+    "quick": Size(16, 2, 16, 200, 8, 1, 2, (1e-2,), (50,), 10, async_local=False),
     "tiny": Size(8, 1, 8, 20, 2, 1, 1, (1e-2,), (5,), 2),
 }
 
@@ -164,7 +168,7 @@ def methods(task, size: Size) -> dict[str, Method]:
     peak = max(fragment_bytes(task, size.fragments))
     overlap = min(transit(task, peak), h - 1)
     out[f"streaming DiLoCo H={h}, F={size.fragments}"] = Method(
-        lambda hp, seed: fsq.streaming_diloco(
+        lambda hp, seed, h=h: fsq.streaming_diloco(
             optax.adamw(hp["learning_rate"]),
             num_workers=WORKERS,
             steps=h,
@@ -179,21 +183,22 @@ def methods(task, size: Size) -> dict[str, Method]:
         peak,
         1 + max(0, transit(task, peak) - overlap) / (h // size.fragments),
     )
-    h = min(ASYNC_STEPS, size.steps // 2)
-    out[f"async local SGD H={h}"] = Method(
-        lambda hp, seed: fsq.async_local_sgd(
-            optax.adamw(hp["learning_rate"]),
-            num_workers=WORKERS,
-            steps=h,
-            delay=transit(task, dense),
-            axis_name=axis,
-            exchange=training.EXCHANGE.get(),
-            seed=seed,
-        ),
-        dense / h,
-        dense,
-        1 + (transit(task, dense) - LATENCY) / h,
-    )
+    if size.async_local:
+        h = min(ASYNC_STEPS, size.steps // 2)
+        out[f"async local SGD H={h}"] = Method(
+            lambda hp, seed, h=h: fsq.async_local_sgd(
+                optax.adamw(hp["learning_rate"]),
+                num_workers=WORKERS,
+                steps=h,
+                delay=transit(task, dense),
+                axis_name=axis,
+                exchange=training.EXCHANGE.get(),
+                seed=seed,
+            ),
+            dense / h,
+            dense,
+            1 + (transit(task, dense) - LATENCY) / h,
+        )
     top_k = TOP_K.payload_bytes(compression.leaf_sizes(task))
     out["flying squirrel + top-k 1% + EF"] = Method(
         lambda hp, seed: training.flying_squirrel(

@@ -154,10 +154,10 @@ SIZES = {
                 "quadratic",
                 16,
                 ("sqrt", "straggler"),
-                ("synchronous", "rennala", "ringmaster", "plain async", "flying squirrel"),
+                ("synchronous", "ringmaster", "plain async", "flying squirrel"),
             ),
         ),
-        {"quadratic": TaskSize(150, 1, 0.3, 2)},
+        {"quadratic": TaskSize(100, 1, 0.3, 2)},
         2,
     ),
     "tiny": Size(

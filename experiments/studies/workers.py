@@ -56,9 +56,9 @@ SIZES = {
     ),
     "quick": Size(
         {"quadratic": (2000, 1, 0.7, 5)},
-        (1, 2, 4, 8),
+        (1, 2, 8),
         2,
-        {"quadratic": wallclock.TaskSize(150, 1, 0.3, 3)},
+        {"quadratic": wallclock.TaskSize(100, 1, 0.3, 3)},
     ),
     "tiny": Size(
         {"quadratic": (50, 4, 8.0, 2)}, (1, 2), 1, {"quadratic": wallclock.TaskSize(10, 2, 0.1, 1)}
