@@ -489,3 +489,38 @@ def test_results_page_shows_the_checked_in_records():
     text = results_page.PAGE.read_text()
     assert results_page.render(text) == text
     assert "<!-- begin generated: coordination -->\n\n**momentum**" in text
+
+
+def test_staleness_rules_on_request_weigh_as_their_papers_say(tmp_path):
+    """The published rules and the default's variants that `--set methods=` adds, against
+    their formulas evaluated by hand in numpy at delays uniform in 0..16."""
+    from experiments.studies import staleness
+
+    tau = np.arange(17.0)
+    base_weights = np.minimum(1.0, 3.0 / np.maximum(1.0, tau))
+
+    def weights(method):
+        rule = staleness.options(method, jnp.asarray(16), 64)["staleness"]
+        return np.asarray(fsq.staleness.resolve(rule, fsq.delays.uniform(16)).scale(tau))
+
+    # Koloskova et al.: full steps up to the mean delay (8), then 8 / tau; gradient scope.
+    np.testing.assert_allclose(weights("delay-adaptive"), np.minimum(1.0, 8.0 / np.maximum(1, tau)))
+    assert staleness.options("delay-adaptive", jnp.asarray(16), 64)["compensation"] is None
+    # Weight-preserving: the default's weights over their mean, which is then 1.
+    preserved = weights("weight-preserving weighted step + DC-a")
+    np.testing.assert_allclose(preserved, base_weights / base_weights.mean(), rtol=1e-6)
+    assert preserved.mean() == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(weights("inverse"), 1.0 / np.maximum(1.0, tau))
+    np.testing.assert_allclose(weights("weighted step tau_C 1 + DC-a"), 1.0 / np.maximum(1.0, tau))
+    with pytest.raises(ValueError, match="staleness methods are"):
+        main(
+            [
+                "staleness",
+                "--tiny",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+                "--set",
+                "methods=('nope',)",
+            ]
+        )

@@ -3,18 +3,26 @@
 The coordination protocol: per task and inner optimizer, tune the learning rate for
 synchronous training, freeze it, then add uniform delays without retuning. Methods: plain
 asynchronous training (every extra off), delay compensation alone (DC-ASGD-a), the
-weighted-step staleness rule alone, and Flying Squirrel's default (both). All delay
-levels of a method are one program (one in-flight buffer sized for the largest).
+weighted-step staleness rule alone, and Flying Squirrel's default (both); on request
+(``--set "methods=(...)"``) the published staleness rules ``inverse`` (Zhang et al. 2016)
+and ``delay-adaptive`` (Koloskova et al. 2022, threshold the mean delay), and two
+variants of the default: a threshold of 1, and weights divided by their mean (the total
+weight of a step preserved on average). All delay levels of a method are one program
+(one in-flight buffer sized for the largest).
 """
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from matplotlib.ticker import NullLocator
 
+import fsq
 from experiments import records, tasks, training
 from experiments.presentation import (
     batch,
@@ -35,12 +43,50 @@ from experiments.studies.base import SYNCHRONOUS, SYNCHRONOUS_METHOD
 
 NAME = "staleness"
 WORKERS = 8
-METHODS: dict[str, dict[str, Any]] = {
+FIXED: dict[str, dict[str, Any]] = {
     "plain async": base.OFF,
     "DC-ASGD-a": {**base.OFF, "compensation": "adaptive"},
     "weighted step": {**base.OFF, "staleness": "weighted_step"},
     "flying squirrel": {},  # the defaults: weighted step + DC-ASGD-a
+    "inverse": {**base.OFF, "staleness": "inverse"},  # Zhang et al. 2016
+    "weighted step tau_C 1 + DC-a": {"staleness": fsq.staleness.weighted_step(1.0)},
 }
+
+
+def _threshold_alpha(tau: jax.Array, threshold: jax.Array) -> jax.Array:
+    return jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau))
+
+
+def _delay_adaptive(bound: jax.Array, max_delay: int) -> dict[str, Any]:
+    """Koloskova et al. 2022's threshold, the mean delay (of uniform 0..bound; traced)."""
+    del max_delay
+    threshold = jnp.maximum(1.0, bound / 2)
+    rule = fsq.staleness.StalenessRule(lambda tau: _threshold_alpha(tau, threshold))
+    return {**base.OFF, "staleness": rule}
+
+
+def _weight_preserving(bound: jax.Array, max_delay: int) -> dict[str, Any]:
+    """The default's weights divided by their mean under uniform 0..bound delays, so that
+    the step's total weight is W on average: progress per step kept, stale steps smaller."""
+    taus = jnp.arange(max_delay + 1, dtype=jnp.float32)
+    drawn = (taus <= bound).astype(jnp.float32)
+    mean = jnp.sum(_threshold_alpha(taus, 3.0) * drawn) / jnp.sum(drawn)
+    rule = fsq.staleness.StalenessRule(lambda tau: _threshold_alpha(tau, 3.0) / mean, "step")
+    return {"staleness": rule}
+
+
+# Rules that depend on the delay level, which is traced (every level is one program).
+TRACED: dict[str, Callable[[jax.Array, int], dict[str, Any]]] = {
+    "delay-adaptive": _delay_adaptive,
+    "weight-preserving weighted step + DC-a": _weight_preserving,
+}
+METHODS = (*FIXED, *TRACED)
+
+
+def options(method: str, bound: jax.Array, max_delay: int) -> dict[str, Any]:
+    """The keywords of ``fsq.flying_squirrel`` for ``method`` at delays uniform in
+    ``0..bound`` (``bound <= max_delay``)."""
+    return FIXED[method] if method in FIXED else TRACED[method](bound, max_delay)
 
 
 class Size(NamedTuple):
@@ -58,7 +104,7 @@ SIZES = {
     "full": Size(
         {"mlp": (800, 16), "transformer": (300, 4)},
         ("momentum", "adam"),
-        tuple(METHODS),
+        ("plain async", "DC-ASGD-a", "weighted step", "flying squirrel"),
         (4, 16, 64),
         5,
         2,
@@ -75,6 +121,8 @@ SIZES = {
 def run(settings: base.Settings) -> list[records.Record]:
     """Runs the study at ``settings.scale``; returns one record per run."""
     size = settings.size(NAME, SIZES)
+    if unknown := [m for m in size.methods if m not in METHODS]:
+        raise ValueError(f"staleness methods are {METHODS}, got {unknown}")
     out = []
     configs = [(t, i) for t in size.tasks for i in size.inners]
     for task_name, inner in base.progress(configs, settings, NAME):
@@ -127,14 +175,16 @@ def delayed(
     task, inner: str, learning_rate: float, method: str, size: Size, settings: base.Settings
 ) -> list[records.Record]:
     """``method`` at the frozen ``learning_rate``, every delay level in one program."""
-    options = METHODS[method]
+    max_delay = max(size.delays)
 
     def make_tx(hp, seed):
         optimizer = base.catalogue_optimizer(inner, learning_rate)
-        delay = training.UniformUpTo(max(size.delays), bound=hp["max_delay"])
-        return training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **options)
+        delay = training.UniformUpTo(max_delay, bound=hp["max_delay"])
+        chosen = options(method, hp["max_delay"], max_delay)
+        return training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **chosen)
 
-    channels = 1 if options.get("compensation", "adaptive") is None else 3
+    compensated = options(method, max_delay, max_delay).get("compensation", "adaptive")
+    channels = 1 if compensated is None else 3
     outcome = train(task, make_tx, {"max_delay": size.delays}, size, settings)
     return _records(
         outcome,
