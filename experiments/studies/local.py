@@ -71,14 +71,15 @@ ASYNC_STEPS = 50
 EXTEND = 3  # every method but synchronous training runs EXTEND x T steps, for time
 TOP_K = fsq.compression.top_k(0.01)
 SYNCHRONOUS = "synchronous"
+VARIANTS = ("streaming DiLoCo", "async local SGD")
 # Runs of unequal lengths by design: the section reports the bytes, not the shared plot.
 IN_BYTES_PLOT = False
 
 
 class Size(NamedTuple):
     """Per scale: the model, ``T`` steps, batch per worker, seeds, evaluations per ``T``
-    steps, learning rates, DiLoCo's round lengths, streaming's fragments, and whether
-    async local SGD runs."""
+    steps, learning rates, DiLoCo's round lengths, streaming's fragments, and which of
+    the :data:`VARIANTS` run besides synchronous training, DiLoCo and Flying Squirrel."""
 
     width: int
     layers: int
@@ -90,14 +91,14 @@ class Size(NamedTuple):
     rates: tuple[float, ...]
     rounds: tuple[int, ...]
     fragments: int
-    async_local: bool = True
+    variants: tuple[str, ...] = VARIANTS
 
 
 SIZES = {
     "full": Size(32, 2, 32, 1000, 16, 2, 10, (1e-3, 3e-3, 1e-2, 3e-2), (10, 50, 200), 10),
-    # Each method is a compilation of most of a minute on 2 cores: the main job leaves
-    # async local SGD out.
-    "quick": Size(16, 2, 16, 200, 8, 1, 2, (1e-2,), (50,), 10, async_local=False),
+    # A method's compilation is most of its run at this scale (20-40 s on 2 cores): the
+    # main job leaves the variants out.
+    "quick": Size(16, 2, 16, 200, 8, 1, 2, (1e-2,), (50,), 10, variants=()),
     "tiny": Size(8, 1, 8, 20, 2, 1, 1, (1e-2,), (5,), 2),
 }
 
@@ -137,6 +138,8 @@ class Method(NamedTuple):
 
 
 def methods(task, size: Size) -> dict[str, Method]:
+    if unknown := [v for v in size.variants if v not in VARIANTS]:
+        raise ValueError(f"local variants are {VARIANTS}, got {unknown}")
     dense = 4 * num_params(task)
     axis = fsq.parallel.AXIS_NAME
     out = {
@@ -163,27 +166,28 @@ def methods(task, size: Size) -> dict[str, Method]:
             dense,
             1 + transit(task, dense) / h,
         )
-    h = min(STREAM["steps"], size.steps // 2)
-    h -= h % size.fragments
-    peak = max(fragment_bytes(task, size.fragments))
-    overlap = min(transit(task, peak), h - 1)
-    out[f"streaming DiLoCo H={h}, F={size.fragments}"] = Method(
-        lambda hp, seed, h=h: fsq.streaming_diloco(
-            optax.adamw(hp["learning_rate"]),
-            num_workers=WORKERS,
-            steps=h,
-            fragments=size.fragments,
-            overlap=overlap,
-            mixing=STREAM["mixing"],
-            axis_name=axis,
-            exchange=training.EXCHANGE.get(),
-            seed=seed,
-        ),
-        dense / h,
-        peak,
-        1 + max(0, transit(task, peak) - overlap) / (h // size.fragments),
-    )
-    if size.async_local:
+    if "streaming DiLoCo" in size.variants:
+        h = min(STREAM["steps"], size.steps // 2)
+        h -= h % size.fragments
+        peak = max(fragment_bytes(task, size.fragments))
+        overlap = min(transit(task, peak), h - 1)
+        out[f"streaming DiLoCo H={h}, F={size.fragments}"] = Method(
+            lambda hp, seed, h=h: fsq.streaming_diloco(
+                optax.adamw(hp["learning_rate"]),
+                num_workers=WORKERS,
+                steps=h,
+                fragments=size.fragments,
+                overlap=overlap,
+                mixing=STREAM["mixing"],
+                axis_name=axis,
+                exchange=training.EXCHANGE.get(),
+                seed=seed,
+            ),
+            dense / h,
+            peak,
+            1 + max(0, transit(task, peak) - overlap) / (h // size.fragments),
+        )
+    if "async local SGD" in size.variants:
         h = min(ASYNC_STEPS, size.steps // 2)
         out[f"async local SGD H={h}"] = Method(
             lambda hp, seed, h=h: fsq.async_local_sgd(

@@ -154,7 +154,7 @@ SIZES = {
                 "quadratic",
                 16,
                 ("sqrt", "straggler"),
-                ("synchronous", "ringmaster", "plain async", "flying squirrel"),
+                ("synchronous", "plain async", "flying squirrel"),
             ),
         ),
         {"quadratic": TaskSize(100, 1, 0.3, 2)},
