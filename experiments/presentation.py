@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -110,18 +111,54 @@ def figure(count: int, width: float = 4.8):
 
 
 def save(plt, fig, path: pathlib.Path) -> None:
-    for ax in fig.axes:
-        legend(ax)
-    fig.tight_layout()
+    """Writes ``fig`` with its legends (see :func:`legend`) and closes it."""
+    bottom = legend(fig)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
 
-def legend(ax) -> None:
-    """A legend on every axes that shows more than one labelled series."""
-    labelled = [a for a in ax.get_lines() + ax.collections if not a.get_label().startswith("_")]
-    if len(labelled) > 1 and ax.get_legend() is None:
-        ax.legend(fontsize=8)
+# More entries than this find no free corner inside an axes: they go beneath the axes.
+INSIDE_ENTRIES = 6
+
+
+def labelled(ax) -> list:
+    """The series of ``ax`` that have a label (matplotlib's own start with ``_``)."""
+    return [a for a in ax.get_lines() + ax.collections if not a.get_label().startswith("_")]
+
+
+def _look(artist) -> tuple:
+    if hasattr(artist, "get_linestyle") and hasattr(artist, "get_marker"):
+        return (str(artist.get_color()), str(artist.get_linestyle()), str(artist.get_marker()))
+    return (str(artist.get_label()),)
+
+
+def legend(fig) -> float:
+    """A legend for every axes that shows more than one labelled series: inside it when
+    short; when some are long (they would cover data), one legend for the figure beneath
+    the axes, each label once (if a label is drawn alike in every axes, and there are
+    several axes; else each legend goes beside its own axes). Returns the figure
+    fraction a figure legend takes at the bottom."""
+    axes = [ax for ax in fig.axes if len(labelled(ax)) > 1]
+    if not any(len(labelled(ax)) > INSIDE_ENTRIES for ax in axes):
+        for ax in axes:
+            ax.legend(fontsize=8)
+        return 0.0
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for artist in labelled(ax):
+            entries.setdefault(artist.get_label(), artist)
+    alike = all(_look(entries[a.get_label()]) == _look(a) for ax in axes for a in labelled(ax))
+    if not alike or len(fig.axes) == 1:  # tight_layout makes room beside the axes
+        for ax in axes:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+        return 0.0
+    # As many columns as fit the figure's width (8-point text: about 0.065 in a character).
+    column_inches = 0.7 + 0.065 * max(len(label) for label in entries)
+    columns = max(1, min(len(entries), int(fig.get_figwidth() // column_inches)))
+    fig.legend(list(entries.values()), list(entries), fontsize=8, loc="lower center", ncols=columns)
+    rows = math.ceil(len(entries) / columns)
+    return min(0.6, (0.1 + 0.2 * rows) / fig.get_figheight())
 
 
 def series(ax, xs, ys, *, index: int, label: str, higher_is_better: bool, **kwargs) -> None:

@@ -404,9 +404,11 @@ def check_figure(fig) -> tuple[int, int]:
                 assert np.isfinite(x).all() and ((x >= x0) & (x <= x1)).all(), ax.get_title()
             if ax.get_yscale() == "log":
                 assert (y > 0).all(), ax.get_title()
-        labelled = [a for a in [*lines, *ax.collections] if not a.get_label().startswith("_")]
-        if len(labelled) > 1:
-            assert ax.get_legend() is not None, ax.get_title()
+        labelled = {a.get_label() for a in [*lines, *ax.collections]} - {""}
+        labelled = {label for label in labelled if not label.startswith("_")}
+        if len(labelled) > 1:  # its own legend, or the figure's with every label of it
+            shared = [{t.get_text() for t in legend.get_texts()} for legend in fig.legends]
+            assert ax.get_legend() is not None or any(labelled <= s for s in shared), ax.get_title()
     return markers, labels
 
 
@@ -524,3 +526,38 @@ def test_staleness_rules_on_request_weigh_as_their_papers_say(tmp_path):
                 "methods=('nope',)",
             ]
         )
+
+
+def figures_of_report(folder: pathlib.Path, out: pathlib.Path, monkeypatch) -> dict:
+    """The figure objects of the report on ``folder``'s records, drawn again into ``out``."""
+    import shutil
+
+    from matplotlib.figure import Figure
+
+    figures = {}
+    save = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        figures[pathlib.Path(path).name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    out.mkdir(parents=True)
+    shutil.copy(folder / records.RESULTS_JSON, out / records.RESULTS_JSON)
+    report.write(out)
+    return figures
+
+
+@pytest.mark.parametrize(
+    "folder",
+    sorted(p.parent for p in pathlib.Path("docs/studies").rglob(records.RESULTS_JSON)),
+    ids=str,
+)
+def test_the_checked_in_reports_figures_are_readable(folder, tmp_path, monkeypatch):
+    """Every figure of the published study reports, drawn from their records, passes
+    :func:`check_figure`, and is a figure the report shows (the faults study has tables
+    only)."""
+    figures = figures_of_report(folder, tmp_path / "report", monkeypatch)
+    assert {p.name for p in folder.glob("*.png")} == set(figures)
+    for fig in figures.values():
+        check_figure(fig)
