@@ -412,12 +412,9 @@ def check_figure(fig) -> tuple[int, int]:
     return markers, labels
 
 
-def test_every_study_runs_and_reports_with_readable_figures(tmp_path, monkeypatch):
-    """The main job's path, every study at the tiny scale: each writes its records and its
-    section of the report, and every figure passes :func:`check_figure`."""
+def saved_figures(monkeypatch) -> dict:
+    """``{file name: figure}`` of every figure saved from now on in this test."""
     from matplotlib.figure import Figure
-
-    from experiments.studies import STUDIES
 
     figures = {}
     save = Figure.savefig
@@ -427,6 +424,15 @@ def test_every_study_runs_and_reports_with_readable_figures(tmp_path, monkeypatc
         return save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def test_every_study_runs_and_reports_with_readable_figures(tmp_path, monkeypatch):
+    """The main job's path, every study at the tiny scale: each writes its records and its
+    section of the report, and every figure passes :func:`check_figure`."""
+    from experiments.studies import STUDIES
+
+    figures = saved_figures(monkeypatch)
     path = main(["all", "--tiny", "--out", str(tmp_path), "--devices", "8", "--no-progress"])
     rows = json.loads((tmp_path / "results.json").read_text())["records"]
     assert {row["study"] for row in rows} == set(STUDIES)
@@ -532,16 +538,7 @@ def figures_of_report(folder: pathlib.Path, out: pathlib.Path, monkeypatch) -> d
     """The figure objects of the report on ``folder``'s records, drawn again into ``out``."""
     import shutil
 
-    from matplotlib.figure import Figure
-
-    figures = {}
-    save = Figure.savefig
-
-    def keep(fig, path, *args, **kwargs):
-        figures[pathlib.Path(path).name] = fig
-        return save(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
+    figures = saved_figures(monkeypatch)
     out.mkdir(parents=True)
     shutil.copy(folder / records.RESULTS_JSON, out / records.RESULTS_JSON)
     report.write(out)
