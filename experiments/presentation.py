@@ -139,16 +139,17 @@ def legend(fig) -> float:
     the axes, each label once (if a label is drawn alike in every axes, and there are
     several axes; else each legend goes beside its own axes). Returns the figure
     fraction a figure legend takes at the bottom."""
-    axes = [ax for ax in fig.axes if len(labelled(ax)) > 1]
-    if not any(len(labelled(ax)) > INSIDE_ENTRIES for ax in axes):
+    series_of = {ax: labelled(ax) for ax in fig.axes}
+    axes = [ax for ax, drawn in series_of.items() if len(drawn) > 1]
+    if not any(len(series_of[ax]) > INSIDE_ENTRIES for ax in axes):
         for ax in axes:
             ax.legend(fontsize=8)
         return 0.0
     entries: dict[str, object] = {}
     for ax in axes:
-        for artist in labelled(ax):
+        for artist in series_of[ax]:
             entries.setdefault(artist.get_label(), artist)
-    alike = all(_look(entries[a.get_label()]) == _look(a) for ax in axes for a in labelled(ax))
+    alike = all(_look(entries[a.get_label()]) == _look(a) for ax in axes for a in series_of[ax])
     if not alike or len(fig.axes) == 1:  # tight_layout makes room beside the axes
         for ax in axes:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)

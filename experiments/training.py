@@ -108,15 +108,14 @@ def _device_mean(losses: np.ndarray) -> np.ndarray:
 def flying_squirrel(
     inner: optax.GradientTransformation, num_workers: int, seed: jax.Array, **kwargs
 ) -> optax.GradientTransformationExtraArgs:
-    """:func:`fsq.flying_squirrel` on the trainer's worker axes (the layout of ``fsq.parallel``),
-    exchanging as the runner says (:data:`EXCHANGE`) unless ``kwargs`` say otherwise."""
-    return fsq.flying_squirrel(
-        inner,
-        num_workers=num_workers,
-        axis_name=fsq.parallel.AXIS_NAME,
-        seed=seed,
-        **{"exchange": EXCHANGE.get(), **kwargs},
-    )
+    """:func:`fsq.flying_squirrel` :func:`on_trainer` (``kwargs`` may say otherwise)."""
+    return fsq.flying_squirrel(inner, num_workers=num_workers, **{**on_trainer(seed), **kwargs})
+
+
+def on_trainer(seed: jax.Array) -> dict[str, object]:
+    """The keywords that put a Flying Squirrel preset on the trainer's worker axes (the
+    layout of ``fsq.parallel``), exchanging as the runner says (:data:`EXCHANGE`)."""
+    return {"axis_name": fsq.parallel.AXIS_NAME, "seed": seed, "exchange": EXCHANGE.get()}
 
 
 def train(

@@ -558,3 +558,10 @@ def test_the_checked_in_reports_figures_are_readable(folder, tmp_path, monkeypat
     assert {p.name for p in folder.glob("*.png")} == set(figures)
     for fig in figures.values():
         check_figure(fig)
+
+
+def test_an_unknown_local_variant_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"local variants are \('streaming DiLoCo'"):
+        main(
+            ["local", "--tiny", "--no-progress", "--out", str(tmp_path), "--set", "variants=('x',)"]
+        )

@@ -141,7 +141,6 @@ def methods(task, size: Size) -> dict[str, Method]:
     if unknown := [v for v in size.variants if v not in VARIANTS]:
         raise ValueError(f"local variants are {VARIANTS}, got {unknown}")
     dense = 4 * num_params(task)
-    axis = fsq.parallel.AXIS_NAME
     out = {
         SYNCHRONOUS: Method(
             lambda hp, seed: training.flying_squirrel(
@@ -158,9 +157,7 @@ def methods(task, size: Size) -> dict[str, Method]:
                 optax.adamw(hp["learning_rate"]),
                 num_workers=WORKERS,
                 steps=h,
-                axis_name=axis,
-                exchange=training.EXCHANGE.get(),
-                seed=seed,
+                **training.on_trainer(seed),
             ),
             dense / h,
             dense,
@@ -179,9 +176,7 @@ def methods(task, size: Size) -> dict[str, Method]:
                 fragments=size.fragments,
                 overlap=overlap,
                 mixing=STREAM["mixing"],
-                axis_name=axis,
-                exchange=training.EXCHANGE.get(),
-                seed=seed,
+                **training.on_trainer(seed),
             ),
             dense / h,
             peak,
@@ -195,9 +190,7 @@ def methods(task, size: Size) -> dict[str, Method]:
                 num_workers=WORKERS,
                 steps=h,
                 delay=transit(task, dense),
-                axis_name=axis,
-                exchange=training.EXCHANGE.get(),
-                seed=seed,
+                **training.on_trainer(seed),
             ),
             dense / h,
             dense,

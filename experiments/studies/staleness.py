@@ -53,25 +53,25 @@ FIXED: dict[str, dict[str, Any]] = {
 }
 
 
-def _threshold_alpha(tau: jax.Array, threshold: jax.Array) -> jax.Array:
-    return jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau))
-
-
 def _delay_adaptive(bound: jax.Array, max_delay: int) -> dict[str, Any]:
-    """Koloskova et al. 2022's threshold, the mean delay (of uniform 0..bound; traced)."""
+    """Koloskova et al. 2022's rule, min(1, tau_C / tau), with their threshold, the mean
+    delay (of uniform 0..bound: traced, which fsq.staleness.delay_adaptive does not take)."""
     del max_delay
     threshold = jnp.maximum(1.0, bound / 2)
-    rule = fsq.staleness.StalenessRule(lambda tau: _threshold_alpha(tau, threshold))
+    rule = fsq.staleness.StalenessRule(
+        lambda tau: jnp.minimum(1.0, threshold / jnp.maximum(1.0, tau))
+    )
     return {**base.OFF, "staleness": rule}
 
 
 def _weight_preserving(bound: jax.Array, max_delay: int) -> dict[str, Any]:
     """The default's weights divided by their mean under uniform 0..bound delays, so that
     the step's total weight is W on average: progress per step kept, stale steps smaller."""
+    default = fsq.staleness.weighted_step()
     taus = jnp.arange(max_delay + 1, dtype=jnp.float32)
     drawn = (taus <= bound).astype(jnp.float32)
-    mean = jnp.sum(_threshold_alpha(taus, 3.0) * drawn) / jnp.sum(drawn)
-    rule = fsq.staleness.StalenessRule(lambda tau: _threshold_alpha(tau, 3.0) / mean, "step")
+    mean = jnp.sum(default.scale(taus) * drawn) / jnp.sum(drawn)
+    rule = fsq.staleness.StalenessRule(lambda tau: default.scale(tau) / mean, default.scope)
     return {"staleness": rule}
 
 
