@@ -17,6 +17,7 @@ from fsq import (
 from fsq.accumulation import AccumulationState, accumulate
 from fsq.assembly import FlyingSquirrelState, asynchronous
 from fsq.local_sgd import async_local_sgd, diloco, fragment_labels, local_sgd, streaming_diloco
+from fsq.look_ahead import LookAheadState, look_ahead
 from fsq.metric_writer import MetricWriter
 from fsq.metrics import step_metrics
 from fsq.optimizers import (
@@ -40,6 +41,7 @@ __all__ = [
     "DelayedNesterovState",
     "FlyingSquirrelState",
     "InFlight",
+    "LookAheadState",
     "MetricWriter",
     "accumulate",
     "adagrad",
@@ -59,6 +61,7 @@ __all__ = [
     "fragment_labels",
     "get_optimizer",
     "local_sgd",
+    "look_ahead",
     "momentum",
     "nesterov",
     "nnx",

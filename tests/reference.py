@@ -41,6 +41,7 @@ def simulate(
     rule: Callable[[int], float] | None = None,
     scope: str = "gradient",
     compensation: float | tuple[float, float, float] | None = None,
+    look_ahead: float | None = None,
 ):
     """SGD with learning rate ``lr`` on what is delivered, one event per gradient.
 
@@ -57,6 +58,9 @@ def simulate(
       rule: the staleness weight ``alpha(delay)``.
       scope: ``"gradient"`` (mean over W) or ``"step"`` (weighted mean, step scaled).
       compensation: DC-ASGD-c's lambda, or DC-ASGD-a's ``(lambda_0, decay, eps)``.
+      look_ahead: the horizon H: gradients are computed at ``w + offset``, the offset set
+        after a step that applies something to ``min(H, mean delay applied)`` times that
+        step (kept after a step that applies nothing); the trajectory is of ``w + offset``.
 
     Returns:
       ``(trajectory [steps, dim], counts {status: [steps]} by due step, residuals [W, dim],
@@ -68,12 +72,12 @@ def simulate(
     residual, velocity, mean_square = np.zeros((W, dim)), np.zeros((W, dim)), np.zeros(dim)
     due = collections.defaultdict(list)
     counts = {s: np.zeros(steps, int) for s in (SENT, HELD, DROPPED, REJECTED, LOST)}
-    w, trajectory = np.zeros(dim), []
+    w, offset, trajectory = np.zeros(dim), np.zeros(dim), []
     for t in range(steps):
         share = W / max(live[t].sum(), 1)
         for i in range(W):
             d = int(table[t % len(table), i])
-            g = grad(i, w).astype(np.float64)
+            g = grad(i, w + offset).astype(np.float64)
             if poisoned[t, i]:
                 g[0] = np.nan
             status = LOST if not live[t, i] else SENT if np.all(np.isfinite(g)) else REJECTED
@@ -95,7 +99,7 @@ def simulate(
                 if feedback and status in (SENT, HELD):
                     residual[i] = x - message
             weight = share * (rule(d) if rule else 1.0)
-            due[t + d].append((status, weight, message, w.copy(), d))
+            due[t + d].append((status, weight, message, w + offset, d))
         arrived = due.pop(t, [])
         for status, *_ in arrived:
             counts[status][t] += 1
@@ -110,13 +114,17 @@ def simulate(
                 strength = lam0 / np.sqrt(mean_square + eps)
             total = np.zeros(dim)
             for _, weight, g, w_sent, _ in applied:
-                corrected = g if compensation is None else g + strength * g * g * (w - w_sent)
+                gap = w + offset - w_sent
+                corrected = g if compensation is None else g + strength * g * g * gap
                 total += weight * corrected
             if scope == "step":
-                w = w - (weight_sum / W) * lr * total / weight_sum
+                step = -(weight_sum / W) * lr * total / weight_sum
             else:
-                w = w - lr * total / W
-        trajectory.append(w.copy())
+                step = -lr * total / W
+            w = w + step
+            if look_ahead is not None:
+                offset = min(look_ahead, np.mean([a[-1] for a in applied])) * step
+        trajectory.append(w + offset)
     counts["delivered"] = counts.pop(SENT) + counts[HELD]
     counts["bounded"] = counts.pop(DROPPED) + counts.pop(HELD)
     return np.stack(trajectory), counts, residual, velocity

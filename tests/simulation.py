@@ -25,7 +25,8 @@ def run(tx, gradients, params, steps, num_workers):
             params, state = carry
             updates, state = workers.update(gradients(params, step), state, params)
             params = optax.apply_updates(params, updates)
-            return (params, state), (params, {m: getattr(state, m) for m in METRICS})
+            metrics = fsq.step_metrics(state)
+            return (params, state), (params, {m: metrics[m] for m in METRICS})
 
         carry = (params, workers.init(params))
         return jax.lax.scan(body, carry, jax.numpy.arange(steps))

@@ -32,12 +32,13 @@ def grad_np(i, w):
     return A[i] @ (w - C[i])
 
 
-def run(**kwargs):
+def run(look_ahead=None, **kwargs):
     """The library's run of this module's task: trajectory, metrics, final state."""
     kwargs = {**PLAIN, **kwargs}
     tx = fsq.flying_squirrel(
         fsq.sgd(LR), num_workers=W, delay=delays.trace(TABLE), seed=SEED, **kwargs
     )
+    tx = tx if look_ahead is None else fsq.look_ahead(tx, look_ahead)
     a, c, poisoned = jnp.asarray(A, jnp.float32), jnp.asarray(C, jnp.float32), POISONED
 
     def gradients(w, step):
@@ -284,3 +285,47 @@ def test_gaussian_noise_after_per_worker_clipping_is_dp_sgd():
             w = w - LR * sum(due.pop(t)) / W
         want.append(w)
     assert_trajectories(path, np.stack(want))
+
+
+@pytest.mark.parametrize("horizon", [1.5, 8.0])
+def test_look_ahead_with_compensation_weighted_step_crashes_bounds_and_nan(horizon):
+    """Gradients computed ahead, compensated by the gap between where they were computed
+    and where they are applied, weighted by the default rule, under crashes, NaN and a
+    bound that holds late ones back: the held parameters follow the event simulation."""
+    rule = fsq.staleness.weighted_step(2.0)
+    path, metrics, _ = run(
+        look_ahead=horizon,
+        faults=CRASHES,
+        max_staleness=2,
+        on_stale="wait",
+        staleness=rule,
+        compensation=0.5,
+    )
+    want, counts, _, _ = expected(
+        look_ahead=horizon,
+        bound=2,
+        on_stale="wait",
+        rule=lambda d: min(1.0, 2.0 / max(1, d)),
+        scope="step",
+        compensation=0.5,
+    )
+    assert_trajectories(path, want)
+    assert_counts(metrics, counts)
+    plain, *_ = expected(
+        bound=2,
+        on_stale="wait",
+        rule=lambda d: min(1.0, 2.0 / max(1, d)),
+        scope="step",
+        compensation=0.5,
+    )
+    assert np.abs(plain - want).max() > 1e-3  # the look-ahead moved the run
+
+
+def test_look_ahead_with_error_feedback_and_crashes():
+    top = compression.top_k(0.34)
+    path, metrics, state = run(look_ahead=4.0, faults=CRASHES, compression=top)
+    want, counts, residual, _ = expected(look_ahead=4.0, compress=library_compressor(top))
+    assert_trajectories(path, want)
+    assert_counts(metrics, counts)
+    residuals = np.asarray(optax.tree.get(state, "residual"))
+    np.testing.assert_allclose(residuals, residual, rtol=5e-5, atol=5e-6)

@@ -22,6 +22,7 @@ from experiments.studies import (
     compression,
     faults,
     local,
+    protocols,
     staleness,
     wallclock,
     workers,
@@ -53,7 +54,17 @@ STUDIES: dict[str, Study] = {
         getattr(module, "plot", None),
         getattr(module, "IN_BYTES_PLOT", True),
     )
-    for module in (classic, staleness, workers, wallclock, anchors, compression, faults, local)
+    for module in (
+        classic,
+        staleness,
+        workers,
+        wallclock,
+        anchors,
+        compression,
+        faults,
+        local,
+        protocols,
+    )
 }
 
 __all__ = ["SCALES", "STUDIES", "Settings", "Study"]

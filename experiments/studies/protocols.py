@@ -1,0 +1,394 @@
+"""protocols: the coordination claim over a grid of protocols, with a held-out half.
+
+The coordination protocol of the staleness study (learning rate tuned for synchronous
+training over a few rates and frozen, then delays added without retuning), repeated on
+*cells* (task, steps, batch per worker, inner optimizer) sampled from the grid
+:data:`TASKS` x :data:`BUDGETS` x :data:`BATCHES` x :data:`INNERS`, under every kind of
+:data:`ASYNCHRONY`. The sample is drawn with an explicit seed among the cells whose cost
+(steps x batch x the task's relative cost per example) fits a budget, and split in two:
+methods are chosen on the *tuning* cells with the tuning seeds, and reported on the
+*held-out* cells with other seeds.
+
+The score of a method in a cell is its headline metric in % of synchronous training's
+(accuracy ratio for classifiers; for a loss with a known floor, synchronous training's
+loss above the floor over the method's, so that 50% means twice as far from the floor).
+A diverged seed fails its cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fsq
+from experiments import records, tasks, training
+from experiments.presentation import converged, figure, save, table_block
+from experiments.records import Record, group, higher_is_better, mean
+from experiments.studies import base
+from experiments.studies.base import SYNCHRONOUS, SYNCHRONOUS_METHOD
+
+NAME = "protocols"
+WORKERS = 8
+IN_BYTES_PLOT = False
+
+TASKS = ("mlp", "cnn", "transformer", "logistic")
+BUDGETS = (600, 2000, 6000)
+BATCHES = (8, 32, 100)
+INNERS = ("momentum", "nesterov", "adam", "rmsprop")
+# Relative cost of one example's gradient (measured on a 2-core CPU, rounded).
+COST = {"logistic": 0.5, "mlp": 1.0, "cnn": 5.0, "transformer": 60.0, "quadratic": 0.1}
+
+ASYNCHRONY = {
+    "uniform(4)": fsq.delays.uniform(4),
+    "uniform(16)": fsq.delays.uniform(16),
+    "uniform(64)": fsq.delays.uniform(64),
+    "heavy-tailed(64)": fsq.delays.heavy_tailed(64),
+}
+LOOK_AHEAD = 8.0  # fsq.look_ahead's horizon, steps
+METHODS: dict[str, tuple[dict[str, Any], bool]] = {  # keywords, looks ahead
+    "plain async": (base.OFF, False),
+    "DC-ASGD-a": ({**base.OFF, "compensation": "adaptive"}, False),  # Zheng et al. 2017
+    "inverse": ({**base.OFF, "staleness": "inverse"}, False),  # Zhang et al. 2016
+    "look-ahead": (base.OFF, True),  # DANA's idea, Hakimi et al. 2019
+    "flying squirrel": ({}, False),  # the defaults: weighted step + DC-ASGD-a
+    "flying squirrel + look-ahead": ({}, True),
+}
+PUBLISHED = ("DC-ASGD-a", "inverse", "look-ahead")  # single published techniques
+DEFAULT = "flying squirrel"
+
+
+class Cell(NamedTuple):
+    """A protocol: a task trained for ``steps`` with ``batch`` examples per worker and
+    step, by ``inner`` at its synchronously tuned learning rate."""
+
+    task: str
+    steps: int
+    batch: int
+    inner: str
+
+    def __str__(self) -> str:
+        return f"{self.task} {self.steps}x{self.batch} {self.inner}"
+
+
+def cells_within(cost: float) -> list[Cell]:
+    """Every cell of the grid whose cost, steps x batch x COST[task], is at most ``cost``."""
+    grid = itertools.product(TASKS, BUDGETS, BATCHES, INNERS)
+    return [Cell(*c) for c in grid if c[1] * c[2] * COST[c[0]] <= cost]
+
+
+def sample(per_task: int, cost: float, seed: int) -> tuple[tuple[Cell, ...], tuple[Cell, ...]]:
+    """``2 * per_task`` cells of each task drawn without replacement among
+    :func:`cells_within` ``cost``, with ``seed``: (tuning half, held-out half), each with
+    ``per_task`` cells of every task."""
+    rng = np.random.default_rng(seed)
+    halves: tuple[list[Cell], list[Cell]] = ([], [])
+    for task in TASKS:
+        pool = [c for c in cells_within(cost) if c.task == task]
+        if len(pool) < 2 * per_task:
+            raise ValueError(
+                f"{task} has {len(pool)} cells within cost {cost}, fewer than 2 x {per_task}"
+            )
+        chosen = [pool[i] for i in rng.permutation(len(pool))[: 2 * per_task]]
+        halves[0].extend(chosen[:per_task])
+        halves[1].extend(chosen[per_task:])
+    return tuple(halves[0]), tuple(halves[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf(fsq.delays.DelayModel):
+    """The delays of ``models[index]`` (Categorical models) for a traced ``index``: every
+    kind of asynchrony is one program."""
+
+    table: tuple[tuple[float, ...], ...] = ((1.0,),)
+    index: jax.Array | int = 0
+
+    def __call__(self, key, step, worker):
+        del step, worker
+        with np.errstate(divide="ignore"):
+            logits = np.log(np.asarray(self.table, np.float64))
+        row = jnp.asarray(logits, jnp.float32)[self.index]
+        return jax.random.categorical(key, row).astype(jnp.int32)
+
+
+def one_of(models: list[fsq.delays.Categorical], index: jax.Array) -> OneOf:
+    """The delays of ``models[index]``, their tables padded to the longest."""
+    width = max(m.max_delay for m in models) + 1
+    table = tuple(tuple(m.probabilities) + (0.0,) * (width - m.max_delay - 1) for m in models)
+    return OneOf(max_delay=width - 1, table=table, index=index)
+
+
+class Size(NamedTuple):
+    """Per scale: the tuning and held-out cells, their seeds, methods, asynchrony, rates."""
+
+    tuning: tuple[Cell, ...]
+    held_out: tuple[Cell, ...]
+    tuning_seeds: tuple[int, ...]
+    held_out_seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    asynchrony: tuple[str, ...]
+    rates: int
+
+
+_FULL = sample(2, 600_000, seed=0)
+SIZES = {
+    "full": Size(*_FULL, (0, 1), (2, 3), tuple(METHODS), tuple(ASYNCHRONY), 3),
+    "quick": Size(
+        (Cell("mlp", 600, 32, "momentum"),),  # a tuning cell of the full scale
+        (Cell("logistic", 600, 32, "nesterov"),),  # a held-out one
+        (0,),
+        (2,),
+        ("plain async", "inverse", "flying squirrel", "flying squirrel + look-ahead"),
+        ("uniform(16)", "uniform(64)"),
+        3,
+    ),
+    "tiny": Size(
+        (Cell("quadratic", 20, 4, "momentum"),),
+        (Cell("quadratic", 40, 8, "nesterov"),),
+        (0,),
+        (1,),
+        ("plain async", "flying squirrel + look-ahead"),
+        ("uniform(4)", "heavy-tailed(64)"),
+        2,
+    ),
+}
+
+
+def run(settings: base.Settings) -> list[records.Record]:
+    """Runs the study at ``settings.scale``; returns one record per run."""
+    size = settings.size(NAME, SIZES)
+    for name, known, given in (
+        ("methods", METHODS, size.methods),
+        ("asynchrony", ASYNCHRONY, size.asynchrony),
+    ):
+        if unknown := [m for m in given if m not in known]:
+            raise ValueError(f"protocols {name} are {tuple(known)}, got {unknown}")
+    halves = {
+        f"{Cell(*c)} ({h})": (h, Cell(*c), s)  # --set gives cells as plain tuples
+        for h, cells, s in (
+            ("tuning", size.tuning, size.tuning_seeds),
+            ("held-out", size.held_out, size.held_out_seeds),
+        )
+        for c in cells
+    }
+    out = []
+    for label in base.progress(halves, settings, NAME):
+        half, cell, seeds = halves[label]
+        seeds = settings.seeds or seeds
+        tuning = synchronous(cell, half, seeds, size, settings)
+        out += tuning
+        learning_rate = records.best_rate(tuning)
+        for method in size.methods:
+            out += delayed(cell, half, seeds, learning_rate, method, size, settings)
+    return out
+
+
+def _train(cell: Cell, make_tx, grid, seeds, settings: base.Settings) -> training.Outcome:
+    return training.train(
+        tasks.get(cell.task),
+        make_tx,
+        grid=grid,
+        seeds=seeds,
+        steps=cell.steps,
+        num_workers=WORKERS,
+        batch_size=cell.batch,
+        num_devices=settings.num_devices,
+    )
+
+
+def _records(outcome, cell: Cell, describe) -> list[records.Record]:
+    task = tasks.get(cell.task)
+    return records.from_outcome(outcome, task, study=NAME, workers=WORKERS, describe=describe)
+
+
+def synchronous(cell: Cell, half: str, seeds, size: Size, settings) -> list[records.Record]:
+    """The learning-rate sweep of synchronous training in ``cell``."""
+
+    def make_tx(hp, seed):
+        optimizer = base.catalogue_optimizer(cell.inner, hp["learning_rate"])
+        return training.flying_squirrel(optimizer, WORKERS, seed, **base.OFF)
+
+    rates = base.learning_rates(base.CATALOGUE[cell.inner][1], size.rates)
+    outcome = _train(cell, make_tx, {"learning_rate": rates}, seeds, settings)
+    cell_fields = {"inner": cell.inner, "half": half}
+    return _records(
+        outcome,
+        cell,
+        lambda values: records.Run(SYNCHRONOUS_METHOD, {**cell_fields, **values}, SYNCHRONOUS),
+    )
+
+
+def transform(inner, method: str, delay: fsq.delays.DelayModel, seed) -> Any:
+    """``method``'s per-worker transformation of ``inner`` under ``delay``."""
+    keywords, looks_ahead = METHODS[method]
+    tx = training.flying_squirrel(inner, WORKERS, seed, delay=delay, **keywords)
+    return fsq.look_ahead(tx, LOOK_AHEAD) if looks_ahead else tx
+
+
+def delayed(cell, half, seeds, learning_rate, method, size, settings) -> list[records.Record]:
+    """``method`` at the frozen ``learning_rate``, every kind of asynchrony in one program."""
+    models = [ASYNCHRONY[a] for a in size.asynchrony]
+
+    def make_tx(hp, seed):
+        optimizer = base.catalogue_optimizer(cell.inner, learning_rate)
+        delay = one_of(models, hp["asynchrony"].astype(jnp.int32))
+        return transform(optimizer, method, delay, seed)
+
+    channels = 1 if METHODS[method][0].get("compensation", "adaptive") is None else 3
+    grid = {"asynchrony": tuple(range(len(models)))}
+    outcome = _train(cell, make_tx, grid, seeds, settings)
+    cell_fields = {"inner": cell.inner, "half": half, "learning_rate": learning_rate}
+    return _records(
+        outcome,
+        cell,
+        lambda values: records.Run(
+            method,
+            cell_fields,
+            size.asynchrony[int(values["asynchrony"])],
+            channels,
+        ),
+    )
+
+
+# --- Report ----------------------------------------------------------------------------
+
+
+def percent(rows: list[Record], sync: list[Record]) -> float | None:
+    """``rows``' headline metric in % of ``sync``'s (see the module docstring); ``None``
+    when a seed diverged."""
+    if len(converged(rows)) < len(rows) or not converged(sync):
+        return None
+    ratio = mean(rows) / mean(sync)
+    return 100 * (ratio if higher_is_better(rows[0]) else 1 / ratio)
+
+
+def scores(rows: list[Record], half: str) -> dict[tuple[str, str], dict[str, float | None]]:
+    """``{(cell, asynchrony): {method: % of synchronous}}`` for the cells of ``half``."""
+    out: dict[tuple[str, str], dict[str, float | None]] = {}
+    in_half = [r for r in rows if r.hyperparameters["half"] == half]
+    for cell, runs in group(in_half, "task", "steps", "batch_size", "inner").items():
+        label = str(Cell(*cell))
+        sync_runs = [r for r in runs if r.method == SYNCHRONOUS_METHOD]
+        sync = group(sync_runs, "learning_rate")[records.best_rate(sync_runs)]
+        for delay, cells in group(
+            [r for r in runs if r.method != SYNCHRONOUS_METHOD], "delay"
+        ).items():
+            out[(label, delay)] = {m: percent(v, sync) for m, v in group(cells, "method").items()}
+    return out
+
+
+def _text(value: float | None) -> str:
+    return "div." if value is None else f"{value:.0f}"
+
+
+def verdict(table: dict[tuple[str, str], dict[str, float | None]], method: str) -> dict[str, Any]:
+    """How ``method`` fares over ``table``'s cells: median, worst cell, the share of cells
+    at or above 95% (up to uniform(16)) and 90% (every kind), and against the best single
+    published technique of each cell."""
+    values = {k: v.get(method) for k, v in table.items() if method in v}
+    finite = [x for x in values.values() if x is not None]
+    worst = min(values, key=lambda k: -np.inf if values[k] is None else values[k])
+    mild = [k for k in values if k[1] in ("uniform(4)", "uniform(16)")]
+    published = [p for p in PUBLISHED if p != method]
+    paired = [k for k in values if any(p in table[k] for p in published)]
+    wins = [
+        k
+        for k in paired
+        if values[k] is not None
+        and all(table[k].get(p) is None or values[k] >= table[k][p] for p in published)
+    ]
+    return {
+        "median": float(np.median(finite)) if finite else None,
+        "worst": (worst, values[worst]),
+        "mild_95": sum(values[k] is not None and values[k] >= 95 for k in mild) / max(1, len(mild)),
+        "all_90": sum(x is not None and x >= 90 for x in values.values()) / len(values),
+        "beats_published": len(wins) / len(paired) if paired else None,
+        "diverged": sum(x is None for x in values.values()),
+    }
+
+
+def section(rows: list[Record]) -> list[str]:
+    halves = [
+        h for h in ("held-out", "tuning") if any(r.hyperparameters["half"] == h for r in rows)
+    ]
+    lines = [
+        "## Protocols",
+        "",
+        "The coordination protocol (learning rate tuned for synchronous training, frozen, "
+        f"then delays) on cells sampled from the grid tasks {TASKS} x steps {BUDGETS} x "
+        f"batch per worker {BATCHES} x inners {INNERS}, {WORKERS} workers. Methods were "
+        "chosen on the tuning cells; the held-out cells, with other seeds, are the result. "
+        "Scores: % of synchronous (accuracy ratio; for a loss with a floor, synchronous "
+        "loss above the floor over the method's); `div.` = a seed diverged.",
+        "",
+        "![% of synchronous per cell and method](protocols.png)",
+        "",
+    ]
+    for half in halves:
+        table = scores(rows, half)
+        methods = list(dict.fromkeys(m for v in table.values() for m in v))
+        lines += table_block(
+            f"**{half} cells** (% of synchronous):",
+            [
+                {"cell": c, "asynchrony": a} | {m: _text(v.get(m)) for m in methods}
+                for (c, a), v in table.items()
+            ],
+        )
+        summary = []
+        for m in methods:
+            v = verdict(table, m)
+            (cell, kind), value = v["worst"]
+            summary.append(
+                {
+                    "method": m,
+                    "median %": _text(v["median"]),
+                    "worst cell": f"{cell}, {kind}: {_text(value)}",
+                    ">= 95% (up to uniform(16))": f"{100 * v['mild_95']:.0f}% of cells",
+                    ">= 90% (all)": f"{100 * v['all_90']:.0f}% of cells",
+                    "as good as each published": "-"
+                    if v["beats_published"] is None
+                    else f"{100 * v['beats_published']:.0f}% of cells",
+                    "diverged cells": v["diverged"],
+                }
+            )
+        lines += table_block(f"**{half} cells, per method:**", summary)
+    return lines
+
+
+def plot(rows: list[Record], out: pathlib.Path) -> None:
+    halves = [
+        h for h in ("held-out", "tuning") if any(r.hyperparameters["half"] == h for r in rows)
+    ]
+    tables = [scores(rows, h) for h in halves]
+    height = max(len(t) for t in tables)
+    plt, fig, axes = figure(len(halves), width=6.4)
+    fig.set_size_inches(6.4 * len(halves), 1.6 + 0.32 * height)
+    for ax, half, table in zip(axes, halves, tables, strict=True):
+        methods = list(dict.fromkeys(m for v in table.values() for m in v))
+        values = np.array(
+            [[np.nan if v.get(m) is None else v[m] for m in methods] for v in table.values()]
+        )
+        shown = np.ma.masked_invalid(values)
+        colours = plt.get_cmap("RdYlGn").with_extremes(bad="black")
+        image = ax.imshow(shown, cmap=colours, vmin=50, vmax=105, aspect="auto")
+        for (i, j), value in np.ndenumerate(values):
+            text = "div." if np.isnan(value) else f"{value:.0f}"
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if np.isnan(value) else "black",
+            )
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(table)), [f"{c}, {a}" for c, a in table], fontsize=7)
+        ax.set_title(f"{half} cells: % of synchronous")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    save(plt, fig, out / "protocols.png")

@@ -1,0 +1,123 @@
+"""The protocols study: its sample of the grid, its delay models, and its scores by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.studies import protocols
+from experiments.studies.protocols import Cell
+from tests.test_experiments import _record
+
+
+def test_the_sample_is_stratified_within_cost_and_its_halves_are_disjoint():
+    tuning, held_out = protocols.sample(2, 600_000, seed=0)
+    assert (tuning, held_out) == protocols.sample(2, 600_000, seed=0)  # the seed decides
+    assert (tuning, held_out) != protocols.sample(2, 600_000, seed=1)
+    assert not set(tuning) & set(held_out)
+    for half in (tuning, held_out):
+        assert sorted(c.task for c in half) == sorted(protocols.TASKS * 2)
+        for c in half:
+            assert c.steps * c.batch * protocols.COST[c.task] <= 600_000
+            assert (c.steps, c.batch, c.inner) in {
+                (s, b, i)
+                for s in protocols.BUDGETS
+                for b in protocols.BATCHES
+                for i in protocols.INNERS
+            }
+    # By hand: the transformer fits only 600 steps x 8 (28 800 of cost; 600 x 32 is 1 152 000).
+    assert {c for c in protocols.cells_within(600_000) if c.task == "transformer"} == {
+        Cell("transformer", 600, 8, i) for i in protocols.INNERS
+    }
+    with pytest.raises(ValueError, match="transformer has 4 cells within cost 600000"):
+        protocols.sample(3, 600_000, seed=0)
+
+
+@pytest.mark.parametrize("index", [1, 3])
+def test_one_of_draws_the_chosen_kind_of_asynchrony(index):
+    models = [protocols.ASYNCHRONY[k] for k in protocols.ASYNCHRONY]
+    model = protocols.one_of(models, jnp.int32(index))
+    assert model.max_delay == 64
+    keys = jax.random.split(jax.random.key(0), 20_000)
+    draws = np.asarray(jax.vmap(lambda k: model(k, 0, 0))(keys))
+    want = np.zeros(65)
+    want[: len(models[index].probabilities)] = models[index].probabilities
+    freq = np.bincount(draws, minlength=65) / draws.size
+    assert draws.max() <= models[index].max_delay
+    np.testing.assert_allclose(freq, want, atol=0.01)
+
+
+def _run(method, accuracy, seed, delay="uniform(16)", lr=0.1, half="held-out", loss=None, batch=8):
+    return _record(
+        study="protocols",
+        method=method,
+        seed=seed,
+        delay=delay,
+        test_accuracy=accuracy,
+        test_loss=loss if loss is not None else 1.0,
+        loss_floor=None if loss is None else 0.5,
+        diverged=accuracy is not None and np.isnan(accuracy),
+        hyperparameters={"learning_rate": lr, "batch_size": batch, "inner": "adam", "half": half},
+    )
+
+
+def test_scores_and_verdict_by_hand():
+    """Synchronous: lr 0.1 scores 0.8 (the tuned one), lr 0.3 scores 0.6. The default scores
+    0.76 (95%) at uniform(16) and 0.68 (85%) at uniform(64); inverse 0.72 (90%) and 0.70
+    (87.5%); plain async diverges on one seed at uniform(64)."""
+    rows = [
+        _run("synchronous", a, s, "none", lr) for lr, a in ((0.1, 0.8), (0.3, 0.6)) for s in (0, 1)
+    ]
+    for method, u16, u64 in (
+        ("flying squirrel", (0.75, 0.77), (0.68, 0.68)),
+        ("inverse", (0.72, 0.72), (0.69, 0.71)),
+        ("plain async", (0.5, 0.5), (0.5, np.nan)),
+    ):
+        rows += [_run(method, a, s) for s, a in enumerate(u16)]
+        rows += [_run(method, a, s, "uniform(64)") for s, a in enumerate(u64)]
+    table = protocols.scores(rows, "held-out")
+    label = "mlp 100x8 adam"
+    assert set(table) == {(label, "uniform(16)"), (label, "uniform(64)")}
+    assert table[(label, "uniform(16)")]["flying squirrel"] == pytest.approx(95.0)
+    assert table[(label, "uniform(64)")]["inverse"] == pytest.approx(87.5)
+    assert table[(label, "uniform(64)")]["plain async"] is None
+    verdict = protocols.verdict(table, "flying squirrel")
+    assert verdict["median"] == pytest.approx(90.0)
+    assert verdict["worst"] == ((label, "uniform(64)"), pytest.approx(85.0))
+    assert verdict["mild_95"] == 1.0 and verdict["all_90"] == 0.5
+    assert verdict["beats_published"] == 0.5  # inverse wins at uniform(64)
+    assert protocols.verdict(table, "plain async")["diverged"] == 1
+    assert protocols.scores(rows, "tuning") == {}
+
+
+def test_a_loss_with_a_floor_scores_by_its_distance_to_the_floor():
+    """Synchronous 0.1 above the floor, the method 0.4 above: 25%."""
+    rows = [_run("synchronous", None, 0, "none", loss=0.6), _run("inverse", None, 0, loss=0.9)]
+    assert protocols.scores(rows, "held-out")[("mlp 100x8 adam", "uniform(16)")][
+        "inverse"
+    ] == pytest.approx(25.0)
+
+
+def test_unknown_methods_and_asynchrony_are_named():
+    from experiments.studies import base
+
+    for field, value, match in (
+        ("methods", ("plain async", "magic"), "protocols methods are .* got \\['magic'\\]"),
+        ("asynchrony", ("uniform(5)",), "protocols asynchrony are .* got \\['uniform\\(5\\)'\\]"),
+    ):
+        size = protocols.SIZES["tiny"]._replace(**{field: value})
+        with pytest.raises(ValueError, match=match):
+            protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
+
+
+def test_cells_that_differ_only_in_batch_are_scored_apart():
+    """Batch 8: synchronous 0.8, inverse 0.4 (50%); batch 32: synchronous 0.5, inverse 0.5."""
+    rows = [
+        _run("synchronous", 0.8, 0, "none"),
+        _run("inverse", 0.4, 0),
+        _run("synchronous", 0.5, 0, "none", batch=32),
+        _run("inverse", 0.5, 0, batch=32),
+    ]
+    table = protocols.scores(rows, "held-out")
+    assert table[("mlp 100x8 adam", "uniform(16)")]["inverse"] == pytest.approx(50.0)
+    assert table[("mlp 100x32 adam", "uniform(16)")]["inverse"] == pytest.approx(100.0)
