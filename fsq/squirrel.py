@@ -102,10 +102,12 @@ def flying_squirrel(
     **Defaults.** ``staleness="weighted_step"`` and ``compensation="adaptive"`` were
     chosen by measurement (the coordination study, ``python -m experiments
     coordination``; its results and the protocol they hold on are in the documentation's
-    results page): with delay 0 they are exactly synchronous training; with delays they
+    results page, and the protocols study, ``python -m experiments protocols``, measures
+    where they hold and where they fail over a grid of tasks, budgets, batches and inner
+    optimizers): with delay 0 they are exactly synchronous training; with delays they
     keep a learning rate tuned for synchronous training stable where plain asynchronous
-    training diverges. Pass ``staleness=None, compensation=None`` for plain asynchronous
-    SGD.
+    training diverges on that protocol. :func:`fsq.look_ahead` around them is opt-in.
+    Pass ``staleness=None, compensation=None`` for plain asynchronous SGD.
 
     Args:
       inner: the optimizer applied to the delivered aggregate (any optax transform).

@@ -121,3 +121,13 @@ def test_cells_that_differ_only_in_batch_are_scored_apart():
     table = protocols.scores(rows, "held-out")
     assert table[("mlp 100x8 adam", "uniform(16)")]["inverse"] == pytest.approx(50.0)
     assert table[("mlp 100x32 adam", "uniform(16)")]["inverse"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    "inner, ahead", [("momentum", True), ("nesterov", True), ("adam", True), ("rmsprop", False)]
+)
+def test_the_per_inner_method_looks_ahead_only_for_inners_with_momentum(inner, ahead):
+    import fsq
+
+    tx = protocols.transform(inner, 0.01, "flying squirrel + look-ahead (momentum inners)", 2, 0)
+    assert isinstance(jax.eval_shape(tx.init, jnp.zeros(3)), fsq.LookAheadState) == ahead

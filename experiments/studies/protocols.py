@@ -51,16 +51,20 @@ ASYNCHRONY = {
     "heavy-tailed(64)": fsq.delays.heavy_tailed(64),
 }
 LOOK_AHEAD = 8.0  # fsq.look_ahead's horizon, steps
-METHODS: dict[str, tuple[dict[str, Any], bool]] = {  # keywords, looks ahead
-    "plain async": (base.OFF, False),
-    "DC-ASGD-a": ({**base.OFF, "compensation": "adaptive"}, False),  # Zheng et al. 2017
-    "inverse": ({**base.OFF, "staleness": "inverse"}, False),  # Zhang et al. 2016
-    "look-ahead": (base.OFF, True),  # DANA's idea, Hakimi et al. 2019
-    "flying squirrel": ({}, False),  # the defaults: weighted step + DC-ASGD-a
-    "flying squirrel + look-ahead": ({}, True),
+MOMENTUM_INNERS = frozenset({"momentum", "nesterov", "adam"})  # their last update is smooth
+EVERY_INNER = frozenset(base.CATALOGUE)
+# name: (fsq.flying_squirrel keywords, the inners it wraps in fsq.look_ahead)
+METHODS: dict[str, tuple[dict[str, Any], frozenset[str]]] = {
+    "plain async": (base.OFF, frozenset()),
+    "DC-ASGD-a": ({**base.OFF, "compensation": "adaptive"}, frozenset()),  # Zheng et al. 2017
+    "inverse": ({**base.OFF, "staleness": "inverse"}, frozenset()),  # Zhang et al. 2016
+    "look-ahead": (base.OFF, EVERY_INNER),  # DANA's idea, Hakimi et al. 2019
+    "flying squirrel": ({}, frozenset()),  # the defaults: weighted step + DC-ASGD-a
+    "flying squirrel + look-ahead": ({}, EVERY_INNER),
+    # Chosen on the tuning half: look-ahead hurts RMSProp there, whose last update is noise.
+    "flying squirrel + look-ahead (momentum inners)": ({}, MOMENTUM_INNERS),
 }
 PUBLISHED = ("DC-ASGD-a", "inverse", "look-ahead")  # single published techniques
-DEFAULT = "flying squirrel"
 
 
 class Cell(NamedTuple):
@@ -223,11 +227,12 @@ def synchronous(cell: Cell, half: str, seeds, size: Size, settings) -> list[reco
     )
 
 
-def transform(inner, method: str, delay: fsq.delays.DelayModel, seed) -> Any:
-    """``method``'s per-worker transformation of ``inner`` under ``delay``."""
-    keywords, looks_ahead = METHODS[method]
-    tx = training.flying_squirrel(inner, WORKERS, seed, delay=delay, **keywords)
-    return fsq.look_ahead(tx, LOOK_AHEAD) if looks_ahead else tx
+def transform(inner: str, learning_rate, method: str, delay, seed) -> Any:
+    """``method``'s per-worker transformation of the catalogue's ``inner`` under ``delay``."""
+    keywords, ahead = METHODS[method]
+    optimizer = base.catalogue_optimizer(inner, learning_rate)
+    tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **keywords)
+    return fsq.look_ahead(tx, LOOK_AHEAD) if inner in ahead else tx
 
 
 def delayed(cell, half, seeds, learning_rate, method, size, settings) -> list[records.Record]:
@@ -235,9 +240,8 @@ def delayed(cell, half, seeds, learning_rate, method, size, settings) -> list[re
     models = [ASYNCHRONY[a] for a in size.asynchrony]
 
     def make_tx(hp, seed):
-        optimizer = base.catalogue_optimizer(cell.inner, learning_rate)
         delay = one_of(models, hp["asynchrony"].astype(jnp.int32))
-        return transform(optimizer, method, delay, seed)
+        return transform(cell.inner, learning_rate, method, delay, seed)
 
     channels = 1 if METHODS[method][0].get("compensation", "adaptive") is None else 3
     grid = {"asynchrony": tuple(range(len(models)))}
