@@ -286,6 +286,16 @@ def scores(rows: list[Record], half: str) -> dict[tuple[str, str], dict[str, flo
     return out
 
 
+def _halves(rows: list[Record]) -> list[str]:
+    """The halves ``rows`` hold, held-out first."""
+    return [h for h in ("held-out", "tuning") if any(r.hyperparameters["half"] == h for r in rows)]
+
+
+def _methods(table: dict[tuple[str, str], dict[str, float | None]]) -> list[str]:
+    """The methods of a :func:`scores` table, in order of first appearance."""
+    return list(dict.fromkeys(m for v in table.values() for m in v))
+
+
 def _text(value: float | None) -> str:
     return "div." if value is None else f"{value:.0f}"
 
@@ -317,9 +327,7 @@ def verdict(table: dict[tuple[str, str], dict[str, float | None]], method: str) 
 
 
 def section(rows: list[Record]) -> list[str]:
-    halves = [
-        h for h in ("held-out", "tuning") if any(r.hyperparameters["half"] == h for r in rows)
-    ]
+    halves = _halves(rows)
     lines = [
         "## Protocols",
         "",
@@ -335,7 +343,7 @@ def section(rows: list[Record]) -> list[str]:
     ]
     for half in halves:
         table = scores(rows, half)
-        methods = list(dict.fromkeys(m for v in table.values() for m in v))
+        methods = _methods(table)
         lines += table_block(
             f"**{half} cells** (% of synchronous):",
             [
@@ -365,15 +373,13 @@ def section(rows: list[Record]) -> list[str]:
 
 
 def plot(rows: list[Record], out: pathlib.Path) -> None:
-    halves = [
-        h for h in ("held-out", "tuning") if any(r.hyperparameters["half"] == h for r in rows)
-    ]
+    halves = _halves(rows)
     tables = [scores(rows, h) for h in halves]
     height = max(len(t) for t in tables)
     plt, fig, axes = figure(len(halves), width=6.4)
     fig.set_size_inches(6.4 * len(halves), 1.6 + 0.32 * height)
     for ax, half, table in zip(axes, halves, tables, strict=True):
-        methods = list(dict.fromkeys(m for v in table.values() for m in v))
+        methods = _methods(table)
         values = np.array(
             [[np.nan if v.get(m) is None else v[m] for m in methods] for v in table.values()]
         )
