@@ -1,14 +1,21 @@
 """Recorded trajectories of Flying Squirrel: the numbers a refactor must not move.
 
 Each configuration runs 50 steps of a small MLP through :func:`fsq.parallel.data_parallel`
-and keeps the parameters and the transform's metrics after every step. The recording in
-``tests/data/trajectories.npz`` was made before Flying Squirrel was rebuilt from pieces
-(``python -m tests.trajectories`` writes it again); ``test_trajectories.py`` replays every
-configuration and compares.
+and keeps the parameters and the transform's metrics after every step.
+``test_trajectories.py`` replays every configuration and compares with two recordings:
+
+- ``tests/data/trajectories.npz``, made before Flying Squirrel was rebuilt from pieces,
+  on another machine;
+- ``tests/data/trajectories-<fingerprint>.npz``, made on a machine that rounds as this
+  one does (:func:`fingerprint`), if there is one: XLA compiles for the host's vector
+  units, so the same program can round differently on another CPU.
+
+``python -m tests.trajectories`` records this machine's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 from typing import NamedTuple
 
@@ -187,18 +194,44 @@ def run(name):
     return np.stack(path), {m: np.stack(v) for m, v in metrics.items()}
 
 
-def record():
+def fingerprint() -> str:
+    """A digest of how this machine rounds the MLP's arithmetic, in plain JAX: the bits of
+    its per-worker gradients under ``vmap`` (as the trainer computes them) for every worker
+    count and layout the recordings use, and of ten steps of synchronous SGD and of Adam's
+    arithmetic on their mean."""
+    params = init_params()
+    bits = []
+    grad = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
+    for workers in sorted({c.workers for c in CONFIGS.values()}):
+        x, y = batches(workers, non_finite=False)
+        for per_device in {workers // c.devices for c in CONFIGS.values() if c.workers == workers}:
+            bits += jax.tree.leaves(grad(params, (x[0, :per_device], y[0, :per_device])))
+        for t in range(10):
+            mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grad(params, (x[t], y[t])))
+            bits += jax.tree.leaves(jax.tree.map(lambda g: g / (jnp.sqrt(g * g) + 1e-8), mean))
+            params = jax.tree.map(lambda p, g: p - 0.1 * g, params, mean)
+            bits += jax.tree.leaves(params)
+    return hashlib.sha256(b"".join(np.asarray(b).tobytes() for b in bits)).hexdigest()[:12]
+
+
+def this_machine() -> pathlib.Path:
+    """The recording for machines that round as this one does."""
+    return PATH.with_name(f"{PATH.stem}-{fingerprint()}.npz")
+
+
+def record(path: pathlib.Path) -> None:
     arrays = {}
     for name in CONFIGS:
-        path, metrics = run(name)
-        arrays[f"{name}/params"] = path
+        run_path, metrics = run(name)
+        arrays[f"{name}/params"] = run_path
         for m, v in metrics.items():
             arrays[f"{name}/{m}"] = v
-        print(name, "final loss-free check:", float(np.abs(path[-1] - path[0]).sum()))
-    PATH.parent.mkdir(exist_ok=True)
-    np.savez_compressed(PATH, **arrays)
+        print(name, "moved:", float(np.abs(run_path[-1] - run_path[0]).sum()))
+    path.parent.mkdir(exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    print(f"recorded: {path}")
 
 
 if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 8)
-    record()
+    record(this_machine())
