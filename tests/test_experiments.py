@@ -565,3 +565,26 @@ def test_an_unknown_local_variant_is_named(tmp_path):
         main(
             ["local", "--tiny", "--no-progress", "--out", str(tmp_path), "--set", "variants=('x',)"]
         )
+
+
+def test_the_coordination_study_exchanges_as_the_runner_says(monkeypatch):
+    """``--exchange ordered`` (not the default) reaches the coordination study's preset."""
+    from experiments.studies import coordination
+
+    exchange = "ordered"
+
+    seen = []
+    original = fsq.flying_squirrel
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("exchange"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fsq, "flying_squirrel", recording)
+    token = training.EXCHANGE.set(exchange)
+    try:
+        out = coordination.run(fsq.sgd(0.1), fsq.delays.uniform(2), 4, (0,))
+    finally:
+        training.EXCHANGE.reset(token)
+    assert seen and set(seen) == {exchange}
+    assert np.isfinite(out["train_loss"]).all()

@@ -35,7 +35,7 @@ def test_the_sample_is_stratified_within_cost_and_its_halves_are_disjoint():
 
 @pytest.mark.parametrize("index", [1, 3])
 def test_one_of_draws_the_chosen_kind_of_asynchrony(index):
-    models = [protocols.ASYNCHRONY[k] for k in protocols.ASYNCHRONY]
+    models = list(protocols.DELAYS.values())
     model = protocols.one_of(models, jnp.int32(index))
     assert model.max_delay == 64
     keys = jax.random.split(jax.random.key(0), 20_000)
@@ -131,3 +131,58 @@ def test_the_per_inner_method_looks_ahead_only_for_inners_with_momentum(inner, a
 
     tx = protocols.transform(inner, 0.01, "flying squirrel + look-ahead (momentum inners)", 2, 0)
     assert isinstance(jax.eval_shape(tx.init, jnp.zeros(3)), fsq.LookAheadState) == ahead
+
+
+def test_a_run_in_time_is_scored_in_its_cell_by_its_budget():
+    """A run under a compute profile counts ticks (here 1100): its cell is its budget's."""
+    rows = [_run("synchronous", 0.8, 0, "none"), _run("inverse", 0.6, 0, "profile sqrt")]
+    rows[1] = rows[1]._replace(
+        steps=1100, hyperparameters={**rows[1].hyperparameters, "budget": 100, "profile": "sqrt"}
+    )
+    table = protocols.scores(rows, "held-out")
+    assert table == {("mlp 100x8 adam", "profile sqrt"): {"inverse": pytest.approx(75.0)}}
+
+
+def test_a_compute_profile_gets_as_many_gradients_as_synchronous_training():
+    """The straggler profile: 7 workers take 1 tick a job, one 10 ticks, 7.1 jobs a tick;
+    40 steps x 8 workers are 320 gradients: ceil(320 / 7.1) = 46 ticks."""
+    from experiments.studies import base
+
+    size = protocols.SIZES["tiny"]._replace(
+        methods=("plain async",), asynchrony=("uniform(4)", "profile straggler")
+    )
+    rows = protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
+    # Only the held-out half runs in time (Size.in_time).
+    assert {(r.hyperparameters["half"], r.delay) for r in rows if r.method != "synchronous"} == {
+        ("tuning", "uniform(4)"),
+        ("held-out", "uniform(4)"),
+        ("held-out", "profile straggler"),
+    }
+    timed = [r for r in rows if r.delay == "profile straggler"]
+    assert [r.steps for r in timed] == [46]
+    assert protocols.cell_of(timed[0]) == Cell("quadratic", 40, 8, "nesterov")
+    assert timed[0].mean_staleness > 0
+    assert set(protocols.scores(rows, "held-out")) == {
+        ("quadratic 40x8 nesterov", "uniform(4)"),
+        ("quadratic 40x8 nesterov", "profile straggler"),
+    }
+
+
+def test_the_heat_map_tells_a_diverged_seed_from_a_method_not_run(tmp_path, monkeypatch):
+    """inverse diverged at uniform(64) (black, "div."); plain async ran only at uniform(16)
+    (its uniform(64) square is blank)."""
+    from tests.test_experiments import saved_figures
+
+    figures = saved_figures(monkeypatch)
+    rows = [
+        _run("synchronous", 0.8, 0, "none"),
+        _run("inverse", 0.4, 0),
+        _run("inverse", np.nan, 0, "uniform(64)"),
+        _run("plain async", 0.6, 0),
+    ]
+    protocols.plot(rows, tmp_path)
+    (ax, *_) = figures["protocols.png"].axes
+    texts = {(t.get_position(), t.get_text()) for t in ax.texts}
+    # (x, y): columns inverse, plain async; rows uniform(16), uniform(64).
+    assert texts == {((0, 0), "50"), ((1, 0), "75"), ((0, 1), "div.")}
+    assert len(ax.patches) == 1 and ax.patches[0].get_xy() == (0.5, 0.5)

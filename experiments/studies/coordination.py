@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 import fsq
-from experiments import mnist1d
+from experiments import mnist1d, training
 from experiments.presentation import figure, save, series
 
 WORKERS, BATCH = 8, 32
@@ -66,7 +66,8 @@ SLOWDOWNS = (1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 4.0, 8.0)  # a heterogeneous cluster
 
 def run(inner, delay, steps, seeds, worker_batch_sizes=None, **kwargs):
     def make_tx(seed):
-        return fsq.flying_squirrel(inner, num_workers=WORKERS, delay=delay, seed=seed, **kwargs)
+        # On the trainer's axes, exchanging as the runner says (--exchange).
+        return training.flying_squirrel(inner, WORKERS, seed, delay=delay, **kwargs)
 
     start = time.perf_counter()
     result = mnist1d.train(

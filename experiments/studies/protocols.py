@@ -9,6 +9,13 @@ training over a few rates and frozen, then delays added without retuning), repea
 methods are chosen on the *tuning* cells with the tuning seeds, and reported on the
 *held-out* cells with other seeds.
 
+Asynchrony comes in two kinds: delays (:data:`DELAYS`, every worker sends every step and
+its gradient arrives after a random number of steps), and workers computing in time at
+the time study's compute profiles (:data:`PROFILES`: a worker sends when its job ends,
+the server steps on whatever arrived, and staleness counts its steps). A run in time gets
+as many gradients as synchronous training computes in the cell: ``steps x W`` over the
+jobs the cluster starts per tick, rounded up, in ticks.
+
 The score of a method in a cell is its headline metric in % of synchronous training's
 (accuracy ratio for classifiers; for a loss with a known floor, synchronous training's
 loss above the floor over the method's, so that 50% means twice as far from the floor).
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import pathlib
 from typing import Any, NamedTuple
 
@@ -30,7 +38,7 @@ import fsq
 from experiments import records, tasks, training
 from experiments.presentation import converged, figure, save, table_block
 from experiments.records import Record, group, higher_is_better, mean
-from experiments.studies import base
+from experiments.studies import base, wallclock
 from experiments.studies.base import SYNCHRONOUS, SYNCHRONOUS_METHOD
 
 NAME = "protocols"
@@ -44,12 +52,17 @@ INNERS = ("momentum", "nesterov", "adam", "rmsprop")
 # Relative cost of one example's gradient (measured on a 2-core CPU, rounded).
 COST = {"logistic": 0.5, "mlp": 1.0, "cnn": 5.0, "transformer": 60.0, "quadratic": 0.1}
 
-ASYNCHRONY = {
+DELAYS = {
     "uniform(4)": fsq.delays.uniform(4),
     "uniform(16)": fsq.delays.uniform(16),
     "uniform(64)": fsq.delays.uniform(64),
     "heavy-tailed(64)": fsq.delays.heavy_tailed(64),
 }
+# Workers computing in time, with the time study's compute profiles (wallclock.profile):
+# a worker sends when its job ends, and staleness counts the server's inner steps.
+PROFILES = {"profile sqrt": "sqrt", "profile straggler": "straggler"}
+TICKS_PER_SECOND = 1  # the simulator steps every tick: finer ticks cost as many more steps
+ASYNCHRONY = (*DELAYS, *PROFILES)
 LOOK_AHEAD = 8.0  # fsq.look_ahead's horizon, steps
 MOMENTUM_INNERS = frozenset({"momentum", "nesterov", "adam"})  # their last update is smooth
 EVERY_INNER = frozenset(base.CATALOGUE)
@@ -128,7 +141,9 @@ def one_of(models: list[fsq.delays.Categorical], index: jax.Array) -> OneOf:
 
 
 class Size(NamedTuple):
-    """Per scale: the tuning and held-out cells, their seeds, methods, asynchrony, rates."""
+    """Per scale: the tuning and held-out cells, their seeds, methods, asynchrony, rates,
+    and the halves whose cells also run the compute profiles of ``asynchrony`` (the
+    simulator steps every tick: they cost several times a kind of delay)."""
 
     tuning: tuple[Cell, ...]
     held_out: tuple[Cell, ...]
@@ -137,6 +152,7 @@ class Size(NamedTuple):
     methods: tuple[str, ...]
     asynchrony: tuple[str, ...]
     rates: int
+    in_time: tuple[str, ...] = ("held-out",)
 
 
 _FULL = sample(2, 600_000, seed=0)
@@ -148,7 +164,7 @@ SIZES = {
         (0,),
         (2,),
         ("plain async", "inverse", "flying squirrel", "flying squirrel + look-ahead"),
-        ("uniform(16)", "uniform(64)"),
+        ("uniform(16)", "uniform(64)", *PROFILES),
         3,
     ),
     "tiny": Size(
@@ -188,20 +204,21 @@ def run(settings: base.Settings) -> list[records.Record]:
         out += tuning
         learning_rate = records.best_rate(tuning)
         for method in size.methods:
-            out += delayed(cell, half, seeds, learning_rate, method, size, settings)
+            kinds = [a for a in size.asynchrony if a in DELAYS or half in size.in_time]
+            out += delayed(cell, half, seeds, learning_rate, method, kinds, settings)
     return out
 
 
-def _train(cell: Cell, make_tx, grid, seeds, settings: base.Settings) -> training.Outcome:
+def _train(cell: Cell, make_tx, grid, seeds, settings: base.Settings, **kwargs) -> training.Outcome:
+    kwargs = {"steps": cell.steps, "num_devices": settings.num_devices, **kwargs}
     return training.train(
         tasks.get(cell.task),
         make_tx,
         grid=grid,
         seeds=seeds,
-        steps=cell.steps,
         num_workers=WORKERS,
         batch_size=cell.batch,
-        num_devices=settings.num_devices,
+        **kwargs,
     )
 
 
@@ -227,35 +244,75 @@ def synchronous(cell: Cell, half: str, seeds, size: Size, settings) -> list[reco
     )
 
 
-def transform(inner: str, learning_rate, method: str, delay, seed) -> Any:
-    """``method``'s per-worker transformation of the catalogue's ``inner`` under ``delay``."""
+def transform(inner: str, learning_rate, method: str, delay, seed, **timing) -> Any:
+    """``method``'s per-worker transformation of the catalogue's ``inner`` under ``delay``
+    (and ``timing``: ``compute=`` a compute profile)."""
     keywords, ahead = METHODS[method]
     optimizer = base.catalogue_optimizer(inner, learning_rate)
-    tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **keywords)
+    tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **timing, **keywords)
     return fsq.look_ahead(tx, LOOK_AHEAD) if inner in ahead else tx
 
 
-def delayed(cell, half, seeds, learning_rate, method, size, settings) -> list[records.Record]:
-    """``method`` at the frozen ``learning_rate``, every kind of asynchrony in one program."""
-    models = [ASYNCHRONY[a] for a in size.asynchrony]
+def _channels(method: str) -> int:
+    """The dense channels ``method``'s workers send (compensation sends three)."""
+    return 1 if METHODS[method][0].get("compensation", "adaptive") is None else 3
+
+
+def delayed(cell, half, seeds, learning_rate, method, kinds, settings) -> list[records.Record]:
+    """``method`` at the frozen ``learning_rate`` under ``kinds`` of asynchrony: every kind
+    of delay in one program, each compute profile in one of its own."""
+    delays = [k for k in kinds if k in DELAYS]
+    cell_fields = {"inner": cell.inner, "half": half, "learning_rate": learning_rate}
+    out = [] if not delays else _delays(cell, seeds, method, delays, cell_fields, settings)
+    for kind in (k for k in kinds if k in PROFILES):
+        out += _profile(cell, seeds, method, kind, cell_fields, settings)
+    return out
+
+
+def _delays(cell, seeds, method, kinds, cell_fields, settings) -> list[records.Record]:
+    models = [DELAYS[k] for k in kinds]
 
     def make_tx(hp, seed):
         delay = one_of(models, hp["asynchrony"].astype(jnp.int32))
-        return transform(cell.inner, learning_rate, method, delay, seed)
+        return transform(cell.inner, cell_fields["learning_rate"], method, delay, seed)
 
-    channels = 1 if METHODS[method][0].get("compensation", "adaptive") is None else 3
-    grid = {"asynchrony": tuple(range(len(models)))}
-    outcome = _train(cell, make_tx, grid, seeds, settings)
-    cell_fields = {"inner": cell.inner, "half": half, "learning_rate": learning_rate}
+    outcome = _train(cell, make_tx, {"asynchrony": tuple(range(len(models)))}, seeds, settings)
     return _records(
         outcome,
         cell,
         lambda values: records.Run(
-            method,
-            cell_fields,
-            size.asynchrony[int(values["asynchrony"])],
-            channels,
+            method, cell_fields, kinds[int(values["asynchrony"])], _channels(method)
         ),
+    )
+
+
+def _profile(cell, seeds, method, kind, cell_fields, settings) -> list[records.Record]:
+    """``method`` with workers in time under the compute profile ``kind``, for as many
+    gradients as synchronous training computes in ``cell`` (ticks: ``cell.steps`` x
+    ``WORKERS`` over the jobs started per tick)."""
+    timing = wallclock.profile(PROFILES[kind], WORKERS, cell.steps, TICKS_PER_SECOND)
+    per_tick = wallclock.starts_per_tick(timing.compute)
+
+    def make_tx(hp, seed):
+        del hp
+        return transform(
+            cell.inner, cell_fields["learning_rate"], method, 0, seed, compute=timing.compute
+        )
+
+    outcome = _train(
+        cell,
+        make_tx,
+        {},
+        seeds,
+        settings,
+        steps=math.ceil(cell.steps * WORKERS / per_tick),
+        # The cheapest layout of a clock: one device, only the workers that start a job.
+        num_devices=1,
+        gradient_slots=math.ceil(per_tick),
+    )
+    fields = {**cell_fields, "profile": PROFILES[kind], "budget": cell.steps}
+    return _records(
+        outcome, cell, lambda values: records.Run(method, fields, kind, _channels(method))
     )
 
 
@@ -271,12 +328,22 @@ def percent(rows: list[Record], sync: list[Record]) -> float | None:
     return 100 * (ratio if higher_is_better(rows[0]) else 1 / ratio)
 
 
+def cell_of(record: Record) -> Cell:
+    """The cell of one of the study's runs (a run in time counts ticks: its cell's steps are
+    its ``budget``)."""
+    h = record.hyperparameters
+    return Cell(record.task, h.get("budget", record.steps), h["batch_size"], h["inner"])
+
+
 def scores(rows: list[Record], half: str) -> dict[tuple[str, str], dict[str, float | None]]:
     """``{(cell, asynchrony): {method: % of synchronous}}`` for the cells of ``half``."""
     out: dict[tuple[str, str], dict[str, float | None]] = {}
-    in_half = [r for r in rows if r.hyperparameters["half"] == half]
-    for cell, runs in group(in_half, "task", "steps", "batch_size", "inner").items():
-        label = str(Cell(*cell))
+    cells: dict[Cell, list[Record]] = {}
+    for r in rows:
+        if r.hyperparameters["half"] == half:
+            cells.setdefault(cell_of(r), []).append(r)
+    for cell, runs in cells.items():
+        label = str(cell)
         sync_runs = [r for r in runs if r.method == SYNCHRONOUS_METHOD]
         sync = group(sync_runs, "learning_rate")[records.best_rate(sync_runs)]
         for delay, cells in group(
@@ -326,6 +393,15 @@ def verdict(table: dict[tuple[str, str], dict[str, float | None]], method: str) 
     }
 
 
+TIMED_TEXT = (
+    " `profile sqrt` and `profile straggler`: workers computing in time at the time study's "
+    f"compute profiles ({TICKS_PER_SECOND} tick a second: a job of worker i = 1..W takes "
+    "round(sqrt(i)) ticks; or one worker 10 ticks, the others 1), each sending when its job "
+    "ends, for as many gradients as synchronous training computes (ticks: steps x W over "
+    "the jobs started per tick); staleness counts the server's steps."
+)
+
+
 def section(rows: list[Record]) -> list[str]:
     halves = _halves(rows)
     lines = [
@@ -336,7 +412,8 @@ def section(rows: list[Record]) -> list[str]:
         f"batch per worker {BATCHES} x inners {INNERS}, {WORKERS} workers. Methods were "
         "chosen on the tuning cells; the held-out cells, with other seeds, are the result. "
         "Scores: % of synchronous (accuracy ratio; for a loss with a floor, synchronous "
-        "loss above the floor over the method's); `div.` = a seed diverged.",
+        "loss above the floor over the method's); `div.` = a seed diverged."
+        + (TIMED_TEXT if any(records.timed(r) for r in rows) else ""),
         "",
         "![% of synchronous per cell and method](protocols.png)",
         "",
@@ -383,20 +460,19 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
         values = np.array(
             [[np.nan if v.get(m) is None else v[m] for m in methods] for v in table.values()]
         )
-        shown = np.ma.masked_invalid(values)
+        ran = np.array([[m in v for m in methods] for v in table.values()])
         colours = plt.get_cmap("RdYlGn").with_extremes(bad="black")
-        image = ax.imshow(shown, cmap=colours, vmin=50, vmax=105, aspect="auto")
+        image = ax.imshow(
+            np.ma.masked_invalid(values), cmap=colours, vmin=50, vmax=105, aspect="auto"
+        )
         for (i, j), value in np.ndenumerate(values):
-            text = "div." if np.isnan(value) else f"{value:.0f}"
-            ax.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if np.isnan(value) else "black",
-            )
+            if not ran[i, j]:  # not run: blank, not the black of a diverged seed
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="white"))
+                continue
+            diverged = np.isnan(value)
+            text = "div." if diverged else f"{value:.0f}"
+            colour = "white" if diverged else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(table)), [f"{c}, {a}" for c, a in table], fontsize=7)
         ax.set_title(f"{half} cells: % of synchronous")

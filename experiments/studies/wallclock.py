@@ -178,17 +178,22 @@ class Profile(NamedTuple):
     tick_seconds: float
 
 
-def profile(name: str, workers: int, rounds: int) -> Profile:
+def profile(name: str, workers: int, rounds: int, ticks_per_second: int = 4) -> Profile:
     """The profile ``name`` for ``workers`` (``rounds``: synchronous training's, which
-    place the time-varying slowdown)."""
+    place the time-varying slowdown). ``ticks_per_second`` resolves the profiles of about
+    1 s per gradient (the straggler's and the time-varying one count whole seconds)."""
+    tick = 1 / ticks_per_second
     if name == "homogeneous":
-        return Profile(fsq.timing.lognormal([4] * workers, sigma=0.1, max_ticks=16), 0.25)
-    if name == "sqrt":
         return Profile(
-            fsq.timing.fixed([round(4 * math.sqrt(i + 1)) for i in range(workers)]), 0.25
+            fsq.timing.lognormal([ticks_per_second] * workers, 0.1, 4 * ticks_per_second), tick
         )
+    if name == "sqrt":
+        ticks = [round(ticks_per_second * math.sqrt(i + 1)) for i in range(workers)]
+        return Profile(fsq.timing.fixed(ticks), tick)
     if name == "exponential":
-        return Profile(fsq.timing.exponential([4] * workers, max_ticks=64), 0.25)
+        return Profile(
+            fsq.timing.exponential([ticks_per_second] * workers, 16 * ticks_per_second), tick
+        )
     if name == "straggler":
         return Profile(fsq.timing.stragglers(workers, [workers - 1], SLOW), 1.0)
     if name == "time-varying":
