@@ -143,28 +143,41 @@ def test_a_run_in_time_is_scored_in_its_cell_by_its_budget():
     assert table == {("mlp 100x8 adam", "profile sqrt"): {"inverse": pytest.approx(75.0)}}
 
 
+def test_only_the_halves_in_time_run_the_compute_profiles(monkeypatch):
+    from experiments.studies import base
+
+    ran = []
+    monkeypatch.setattr(protocols, "synchronous", lambda *a: [_run("synchronous", 0.8, 0, "none")])
+    monkeypatch.setattr(
+        protocols, "delayed", lambda c, half, s, lr, m, kinds, st: ran.append((half, kinds)) or []
+    )
+    size = protocols.SIZES["tiny"]._replace(
+        asynchrony=("uniform(4)", "profile sqrt"), methods=("inverse",)
+    )
+    protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
+    assert ran == [("tuning", ["uniform(4)"]), ("held-out", ["uniform(4)", "profile sqrt"])]
+    size = size._replace(in_time=("tuning", "held-out"))
+    ran.clear()
+    protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
+    both = ["uniform(4)", "profile sqrt"]
+    assert ran == [("tuning", both), ("held-out", both)]
+
+
 def test_a_compute_profile_gets_as_many_gradients_as_synchronous_training():
     """The straggler profile: 7 workers take 1 tick a job, one 10 ticks, 7.1 jobs a tick;
     40 steps x 8 workers are 320 gradients: ceil(320 / 7.1) = 46 ticks."""
     from experiments.studies import base
 
     size = protocols.SIZES["tiny"]._replace(
-        methods=("plain async",), asynchrony=("uniform(4)", "profile straggler")
+        tuning=(), methods=("plain async",), asynchrony=("profile straggler",)
     )
     rows = protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
-    # Only the held-out half runs in time (Size.in_time).
-    assert {(r.hyperparameters["half"], r.delay) for r in rows if r.method != "synchronous"} == {
-        ("tuning", "uniform(4)"),
-        ("held-out", "uniform(4)"),
-        ("held-out", "profile straggler"),
-    }
-    timed = [r for r in rows if r.delay == "profile straggler"]
-    assert [r.steps for r in timed] == [46]
-    assert protocols.cell_of(timed[0]) == Cell("quadratic", 40, 8, "nesterov")
-    assert timed[0].mean_staleness > 0
+    (timed,) = [r for r in rows if r.delay == "profile straggler"]
+    assert timed.steps == 46
+    assert protocols.cell_of(timed) == Cell("quadratic", 40, 8, "nesterov")
+    assert timed.mean_staleness > 0
     assert set(protocols.scores(rows, "held-out")) == {
-        ("quadratic 40x8 nesterov", "uniform(4)"),
-        ("quadratic 40x8 nesterov", "profile straggler"),
+        ("quadratic 40x8 nesterov", "profile straggler")
     }
 
 

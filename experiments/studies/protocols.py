@@ -164,7 +164,7 @@ SIZES = {
         (0,),
         (2,),
         ("plain async", "inverse", "flying squirrel", "flying squirrel + look-ahead"),
-        ("uniform(16)", "uniform(64)", *PROFILES),
+        ("uniform(16)", "uniform(64)", "profile sqrt"),
         3,
     ),
     "tiny": Size(
