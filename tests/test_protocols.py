@@ -104,6 +104,7 @@ def test_unknown_methods_and_asynchrony_are_named():
     for field, value, match in (
         ("methods", ("plain async", "magic"), "protocols methods are .* got \\['magic'\\]"),
         ("asynchrony", ("uniform(5)",), "protocols asynchrony are .* got \\['uniform\\(5\\)'\\]"),
+        ("in_time", ("held out",), "protocols in_time halves are .* got \\['held out'\\]"),
     ):
         size = protocols.SIZES["tiny"]._replace(**{field: value})
         with pytest.raises(ValueError, match=match):

@@ -140,6 +140,9 @@ def one_of(models: list[fsq.delays.Categorical], index: jax.Array) -> OneOf:
     return OneOf(max_delay=width - 1, table=table, index=index)
 
 
+HALVES = ("tuning", "held-out")
+
+
 class Size(NamedTuple):
     """Per scale: the tuning and held-out cells, their seeds, methods, asynchrony, rates,
     and the halves whose cells also run the compute profiles of ``asynchrony`` (the
@@ -185,6 +188,7 @@ def run(settings: base.Settings) -> list[records.Record]:
     for name, known, given in (
         ("methods", METHODS, size.methods),
         ("asynchrony", ASYNCHRONY, size.asynchrony),
+        ("in_time halves", HALVES, size.in_time),
     ):
         if unknown := [m for m in given if m not in known]:
             raise ValueError(f"protocols {name} are {tuple(known)}, got {unknown}")
@@ -203,8 +207,8 @@ def run(settings: base.Settings) -> list[records.Record]:
         tuning = synchronous(cell, half, seeds, size, settings)
         out += tuning
         learning_rate = records.best_rate(tuning)
+        kinds = [a for a in size.asynchrony if a in DELAYS or half in size.in_time]
         for method in size.methods:
-            kinds = [a for a in size.asynchrony if a in DELAYS or half in size.in_time]
             out += delayed(cell, half, seeds, learning_rate, method, kinds, settings)
     return out
 
