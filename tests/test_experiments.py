@@ -16,7 +16,7 @@ import pytest
 import fsq
 from experiments import mnist1d, records, report, training
 from experiments.__main__ import main
-from experiments.studies import base
+from experiments.studies import STUDIES, base
 from experiments.tasks import cnn, logistic, markov, mlp, quadratic, transformer
 
 # --- Tasks ----------------------------------------------------------------------------------
@@ -427,24 +427,22 @@ def saved_figures(monkeypatch) -> dict:
     return figures
 
 
-def test_every_study_runs_and_reports_with_readable_figures(tmp_path, monkeypatch):
-    """The main job's path, every study at the tiny scale: each writes its records and its
-    section of the report, and every figure passes :func:`check_figure`."""
-    from experiments.studies import STUDIES
-
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_every_study_runs_and_reports_with_readable_figures(name, tmp_path, monkeypatch):
+    """The main job's path, each study at the tiny scale (one test a study, so that test
+    workers share them): it writes its records and its section of the report, and every
+    figure passes :func:`check_figure`."""
     figures = saved_figures(monkeypatch)
-    path = main(["all", "--tiny", "--out", str(tmp_path), "--devices", "8", "--no-progress"])
+    path = main([name, "--tiny", "--out", str(tmp_path), "--devices", "8", "--no-progress"])
     rows = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert {row["study"] for row in rows} == set(STUDIES)
+    assert rows and {row["study"] for row in rows} == {name}
     text = path.read_text()
-    for name, study in STUDIES.items():
-        heading = study.section([records.Record(**r) for r in rows if r["study"] == name])[0]
-        assert heading.startswith("## ") and heading in text
-    assert set(figures) == {p.name for p in tmp_path.glob("*.png")} and len(figures) >= 6
-    marked = [check_figure(fig) for fig in figures.values()]
-    # Some tiny runs diverge (Adam on the quadratic at lr 0.01 and 0.003): they are marked.
-    assert any(r["diverged"] for r in rows)
-    assert sum(m + label for m, label in marked) > 0
+    heading = STUDIES[name].section([records.Record(**r) for r in rows])[0]
+    assert heading.startswith("## ") and heading in text
+    assert set(figures) == {p.name for p in tmp_path.glob("*.png")}
+    marked = sum(sum(check_figure(fig)) for fig in figures.values())
+    if name == "time":  # some of its tiny runs diverge: its figure marks them
+        assert any(r["diverged"] for r in rows) and marked > 0
     # Every image the report shows exists, and none is shown that was not drawn.
     shown = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", text))
     assert shown == set(figures)

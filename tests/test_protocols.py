@@ -105,6 +105,7 @@ def test_unknown_methods_and_asynchrony_are_named():
         ("methods", ("plain async", "magic"), "protocols methods are .* got \\['magic'\\]"),
         ("asynchrony", ("uniform(5)",), "protocols asynchrony are .* got \\['uniform\\(5\\)'\\]"),
         ("in_time", ("held out",), "protocols in_time halves are .* got \\['held out'\\]"),
+        ("retuned", ("magic",), "protocols retuned methods are .* got \\['magic'\\]"),
     ):
         size = protocols.SIZES["tiny"]._replace(**{field: value})
         with pytest.raises(ValueError, match=match):
@@ -200,3 +201,57 @@ def test_the_heat_map_tells_a_diverged_seed_from_a_method_not_run(tmp_path, monk
     # (x, y): columns inverse, plain async; rows uniform(16), uniform(64).
     assert texts == {((0, 0), "50"), ((1, 0), "75"), ((0, 1), "div.")}
     assert len(ax.patches) == 1 and ax.patches[0].get_xy() == (0.5, 0.5)
+
+
+def test_rates_around_a_learning_rate_are_half_decade_steps():
+    assert protocols.rates_around(0.1, (-3, -2, -1, 0, 1, 2)) == (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    assert protocols.rates_around(0.003, (0, 1)) == (0.003, 0.01)
+    assert protocols.rates_around(0.03, (-1,)) == (0.01,)
+
+
+def test_a_retuned_method_scores_its_best_rate_that_no_seed_diverged_at():
+    """Synchronous 0.8. Oracle: lr 0.1 scores 0.6 (75%), lr 0.03 0.76 (95%), lr 0.01 has a
+    seed at 0.9 and one diverged: its 95% stands. Elsewhere every rate diverged: div."""
+    oracle = protocols.retuned("flying squirrel")
+    rows = [_run("synchronous", 0.8, s, "none") for s in (0, 1)]
+    for lr, accuracies in ((0.1, (0.6, 0.6)), (0.03, (0.76, 0.76)), (0.01, (0.9, np.nan))):
+        rows += [_run(oracle, a, s, lr=lr) for s, a in enumerate(accuracies)]
+        rows += [_run(oracle, np.nan, s, "uniform(64)", lr=lr) for s in (0, 1)]
+    table = protocols.scores(rows, "held-out")
+    assert table[("mlp 100x8 adam", "uniform(16)")][oracle] == pytest.approx(95.0)
+    assert table[("mlp 100x8 adam", "uniform(64)")][oracle] is None
+
+
+def test_a_retuned_method_runs_under_delays_at_its_rates_on_the_held_out_cells():
+    """At the frozen rate its run is the method's own (to float32 rounding: the rate is
+    traced there), at the others it differs; it runs no compute profile, no tuning cell."""
+    from experiments.studies import base
+
+    size = protocols.SIZES["tiny"]._replace(
+        methods=("flying squirrel",), asynchrony=("uniform(4)", "profile sqrt")
+    )
+    rows = protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
+    oracle = [r for r in rows if r.method == protocols.retuned("flying squirrel")]
+    own = {r.seed: r for r in rows if r.method == "flying squirrel" and r.delay == "uniform(4)"}
+    frozen = own[1].hyperparameters["learning_rate"]
+    assert {r.hyperparameters["half"] for r in oracle} == {"held-out"}
+    assert {r.delay for r in oracle} == {"uniform(4)"}
+    assert sorted(r.hyperparameters["learning_rate"] for r in oracle) == list(
+        protocols.rates_around(frozen, size.retuned_steps)
+    )
+    (at_frozen,) = [r for r in oracle if r.hyperparameters["learning_rate"] == frozen]
+    np.testing.assert_allclose(at_frozen.curve, own[1].curve, rtol=1e-5)
+    assert len({round(r.final_train_loss, 4) for r in oracle}) == len(oracle)
+
+
+def test_the_report_tells_a_diverged_seed_from_a_method_not_run():
+    """inverse diverged at uniform(64): "div."; plain async did not run there: "-"."""
+    rows = [
+        _run("synchronous", 0.8, 0, "none"),
+        _run("inverse", 0.4, 0),
+        _run("inverse", np.nan, 0, "uniform(64)"),
+        _run("plain async", 0.6, 0),
+    ]
+    lines = "\n".join(protocols.section(rows)).splitlines()
+    (u64,) = [line for line in lines if line.startswith("| mlp 100x8 adam | uniform(64)")]
+    assert [c.strip() for c in u64.split("|")[3:5]] == ["div.", "-"]

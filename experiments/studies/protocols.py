@@ -78,6 +78,16 @@ METHODS: dict[str, tuple[dict[str, Any], frozenset[str]]] = {
     "flying squirrel + look-ahead (momentum inners)": ({}, MOMENTUM_INNERS),
 }
 PUBLISHED = ("DC-ASGD-a", "inverse", "look-ahead")  # single published techniques
+# A method "retuned" also runs at rates around the frozen one (half-decade steps of the
+# grid 1, 3, 10, ...: -3 is a thirtieth, +2 ten times) under every delay and scores its
+# best rate per cell and delay: an oracle (the rate is chosen on the runs it is scored
+# on), the most any rule that only scales the step could reach.
+RETUNED_STEPS = (-3, -2, -1, 0, 1, 2)
+
+
+def retuned(method: str) -> str:
+    """The name of ``method`` with its learning rate tuned under each delay (an oracle)."""
+    return f"{method}, rate tuned under delay (oracle)"
 
 
 class Cell(NamedTuple):
@@ -145,8 +155,9 @@ HALVES = ("tuning", "held-out")
 
 class Size(NamedTuple):
     """Per scale: the tuning and held-out cells, their seeds, methods, asynchrony, rates,
-    and the halves whose cells also run the compute profiles of ``asynchrony`` (the
-    simulator steps every tick: they cost several times a kind of delay)."""
+    the halves whose cells also run the compute profiles of ``asynchrony`` (the simulator
+    steps every tick: they cost several times a kind of delay), and the methods whose
+    rate is also tuned under each delay on the held-out cells (:func:`retuned`)."""
 
     tuning: tuple[Cell, ...]
     held_out: tuple[Cell, ...]
@@ -156,11 +167,15 @@ class Size(NamedTuple):
     asynchrony: tuple[str, ...]
     rates: int
     in_time: tuple[str, ...] = ("held-out",)
+    retuned: tuple[str, ...] = ()
+    retuned_steps: tuple[int, ...] = RETUNED_STEPS
 
 
 _FULL = sample(2, 600_000, seed=0)
 SIZES = {
-    "full": Size(*_FULL, (0, 1), (2, 3), tuple(METHODS), tuple(ASYNCHRONY), 3),
+    "full": Size(
+        *_FULL, (0, 1), (2, 3), tuple(METHODS), tuple(ASYNCHRONY), 3, retuned=("flying squirrel",)
+    ),
     "quick": Size(
         (Cell("mlp", 600, 32, "momentum"),),  # a tuning cell of the full scale
         (Cell("logistic", 600, 32, "nesterov"),),  # a held-out one
@@ -178,6 +193,8 @@ SIZES = {
         ("plain async", "flying squirrel + look-ahead"),
         ("uniform(4)", "heavy-tailed(64)"),
         2,
+        retuned=("flying squirrel",),
+        retuned_steps=(-1, 0, 1),
     ),
 }
 
@@ -187,6 +204,7 @@ def run(settings: base.Settings) -> list[records.Record]:
     size = settings.size(NAME, SIZES)
     for name, known, given in (
         ("methods", METHODS, size.methods),
+        ("retuned methods", METHODS, size.retuned),
         ("asynchrony", ASYNCHRONY, size.asynchrony),
         ("in_time halves", HALVES, size.in_time),
     ):
@@ -210,7 +228,19 @@ def run(settings: base.Settings) -> list[records.Record]:
         kinds = [a for a in size.asynchrony if a in DELAYS or half in size.in_time]
         for method in size.methods:
             out += delayed(cell, half, seeds, learning_rate, method, kinds, settings)
+        delays = [k for k in size.asynchrony if k in DELAYS]
+        for method in size.retuned if half == "held-out" and delays else ():
+            rates = rates_around(learning_rate, size.retuned_steps)
+            fields = {"inner": cell.inner, "half": half}
+            out += _delays(cell, seeds, method, delays, fields, settings, rates)
     return out
+
+
+def rates_around(learning_rate: float, steps: tuple[int, ...]) -> tuple[float, ...]:
+    """The rates ``steps`` half-decades from ``learning_rate`` on the grid 1, 3, 10, ..."""
+    reach = max(abs(k) for k in steps)
+    grid = base.learning_rates(learning_rate, 2 * reach + 1)
+    return tuple(grid[reach + k] for k in steps)
 
 
 def _train(cell: Cell, make_tx, grid, seeds, settings: base.Settings, **kwargs) -> training.Outcome:
@@ -273,21 +303,27 @@ def delayed(cell, half, seeds, learning_rate, method, kinds, settings) -> list[r
     return out
 
 
-def _delays(cell, seeds, method, kinds, cell_fields, settings) -> list[records.Record]:
+def _delays(cell, seeds, method, kinds, cell_fields, settings, rates=()) -> list[records.Record]:
+    """``method`` under every kind of delay of ``kinds`` in one program: at
+    ``cell_fields["learning_rate"]``, or when ``rates`` are given at each of them (and
+    named :func:`retuned`)."""
     models = [DELAYS[k] for k in kinds]
+    grid = {"asynchrony": tuple(range(len(models)))} | ({"learning_rate": rates} if rates else {})
 
     def make_tx(hp, seed):
         delay = one_of(models, hp["asynchrony"].astype(jnp.int32))
-        return transform(cell.inner, cell_fields["learning_rate"], method, delay, seed)
+        rate = hp["learning_rate"] if rates else cell_fields["learning_rate"]
+        return transform(cell.inner, rate, method, delay, seed)
 
-    outcome = _train(cell, make_tx, {"asynchrony": tuple(range(len(models)))}, seeds, settings)
-    return _records(
-        outcome,
-        cell,
-        lambda values: records.Run(
-            method, cell_fields, kinds[int(values["asynchrony"])], _channels(method)
-        ),
-    )
+    def describe(values):
+        kind = kinds[int(values["asynchrony"])]
+        if not rates:
+            return records.Run(method, cell_fields, kind, _channels(method))
+        fields = {**cell_fields, "learning_rate": values["learning_rate"]}
+        return records.Run(retuned(method), fields, kind, _channels(method))
+
+    outcome = _train(cell, make_tx, grid, seeds, settings)
+    return _records(outcome, cell, describe)
 
 
 def _profile(cell, seeds, method, kind, cell_fields, settings) -> list[records.Record]:
@@ -340,7 +376,8 @@ def cell_of(record: Record) -> Cell:
 
 
 def scores(rows: list[Record], half: str) -> dict[tuple[str, str], dict[str, float | None]]:
-    """``{(cell, asynchrony): {method: % of synchronous}}`` for the cells of ``half``."""
+    """``{(cell, asynchrony): {method: % of synchronous}}`` for the cells of ``half``; a
+    method run at several rates (:func:`retuned`) scores its best."""
     out: dict[tuple[str, str], dict[str, float | None]] = {}
     cells: dict[Cell, list[Record]] = {}
     for r in rows:
@@ -353,7 +390,10 @@ def scores(rows: list[Record], half: str) -> dict[tuple[str, str], dict[str, flo
         for delay, cells in group(
             [r for r in runs if r.method != SYNCHRONOUS_METHOD], "delay"
         ).items():
-            out[(label, delay)] = {m: percent(v, sync) for m, v in group(cells, "method").items()}
+            out[(label, delay)] = {
+                m: percent(group(v, "learning_rate")[records.best_rate(v)], sync)
+                for m, v in group(cells, "method").items()
+            }
     return out
 
 
@@ -406,6 +446,14 @@ TIMED_TEXT = (
 )
 
 
+RETUNED_TEXT = (
+    f" `{retuned('...')}`: the method run under each delay at the frozen rate and at "
+    f"{len(RETUNED_STEPS) - 1} rates around it ({', '.join(f'{k:+d}' for k in RETUNED_STEPS if k)}"
+    " half-decades; held-out cells), scored at its best: an oracle for any rule that only "
+    "scales the step, not a method."
+)
+
+
 def section(rows: list[Record]) -> list[str]:
     halves = _halves(rows)
     lines = [
@@ -417,7 +465,8 @@ def section(rows: list[Record]) -> list[str]:
         "chosen on the tuning cells; the held-out cells, with other seeds, are the result. "
         "Scores: % of synchronous (accuracy ratio; for a loss with a floor, synchronous "
         "loss above the floor over the method's); `div.` = a seed diverged."
-        + (TIMED_TEXT if any(records.timed(r) for r in rows) else ""),
+        + (TIMED_TEXT if any(records.timed(r) for r in rows) else "")
+        + (RETUNED_TEXT if any(r.method.endswith(retuned("")) for r in rows) else ""),
         "",
         "![% of synchronous per cell and method](protocols.png)",
         "",
@@ -428,7 +477,7 @@ def section(rows: list[Record]) -> list[str]:
         lines += table_block(
             f"**{half} cells** (% of synchronous):",
             [
-                {"cell": c, "asynchrony": a} | {m: _text(v.get(m)) for m in methods}
+                {"cell": c, "asynchrony": a} | {m: _text(v[m]) if m in v else "-" for m in methods}
                 for (c, a), v in table.items()
             ],
         )
