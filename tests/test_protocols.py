@@ -154,7 +154,7 @@ def test_only_the_halves_in_time_run_the_compute_profiles(monkeypatch):
         protocols, "delayed", lambda c, half, s, lr, m, kinds, st: ran.append((half, kinds)) or []
     )
     size = protocols.SIZES["tiny"]._replace(
-        asynchrony=("uniform(4)", "profile sqrt"), methods=("inverse",)
+        asynchrony=("uniform(4)", "profile sqrt"), methods=("inverse",), retuned=()
     )
     protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
     assert ran == [("tuning", ["uniform(4)"]), ("held-out", ["uniform(4)", "profile sqrt"])]
@@ -207,6 +207,9 @@ def test_rates_around_a_learning_rate_are_half_decade_steps():
     assert protocols.rates_around(0.1, (-3, -2, -1, 0, 1, 2)) == (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     assert protocols.rates_around(0.003, (0, 1)) == (0.003, 0.01)
     assert protocols.rates_around(0.03, (-1,)) == (0.01,)
+    for rate, steps in ((10.0, (0, 2)), (3e-6, (-2, 0)), (0.1, ())):
+        with pytest.raises(ValueError, match="retuned_steps"):
+            protocols.rates_around(rate, steps)
 
 
 def test_a_retuned_method_scores_its_best_rate_that_no_seed_diverged_at():

@@ -210,6 +210,7 @@ def run(settings: base.Settings) -> list[records.Record]:
     ):
         if unknown := [m for m in given if m not in known]:
             raise ValueError(f"protocols {name} are {tuple(known)}, got {unknown}")
+    delays = [k for k in size.asynchrony if k in DELAYS]
     halves = {
         f"{Cell(*c)} ({h})": (h, Cell(*c), s)  # --set gives cells as plain tuples
         for h, cells, s in (
@@ -228,7 +229,6 @@ def run(settings: base.Settings) -> list[records.Record]:
         kinds = [a for a in size.asynchrony if a in DELAYS or half in size.in_time]
         for method in size.methods:
             out += delayed(cell, half, seeds, learning_rate, method, kinds, settings)
-        delays = [k for k in size.asynchrony if k in DELAYS]
         for method in size.retuned if half == "held-out" and delays else ():
             rates = rates_around(learning_rate, size.retuned_steps)
             fields = {"inner": cell.inner, "half": half}
@@ -237,9 +237,17 @@ def run(settings: base.Settings) -> list[records.Record]:
 
 
 def rates_around(learning_rate: float, steps: tuple[int, ...]) -> tuple[float, ...]:
-    """The rates ``steps`` half-decades from ``learning_rate`` on the grid 1, 3, 10, ..."""
+    """The rates ``steps`` half-decades from ``learning_rate`` on the grid 1, 3, 10, ...
+    (1e-6 to 30)."""
+    if not steps:
+        raise ValueError("retuned_steps must name at least one half-decade step, got ()")
     reach = max(abs(k) for k in steps)
     grid = base.learning_rates(learning_rate, 2 * reach + 1)
+    if len(grid) < 2 * reach + 1 or grid[reach] != learning_rate:
+        raise ValueError(
+            f"retuned_steps {steps} from learning rate {learning_rate} need a rate of the grid"
+            " whose steps stay within 1e-6 to 30"
+        )
     return tuple(grid[reach + k] for k in steps)
 
 
