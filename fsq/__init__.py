@@ -16,6 +16,7 @@ from fsq import (
 )
 from fsq.accumulation import AccumulationState, accumulate
 from fsq.assembly import FlyingSquirrelState, asynchronous
+from fsq.implicit_momentum import asynchrony_momentum, momentum_under_delay, rate_under_delay
 from fsq.local_sgd import async_local_sgd, diloco, fragment_labels, local_sgd, streaming_diloco
 from fsq.look_ahead import LookAheadState, look_ahead
 from fsq.metric_writer import MetricWriter
@@ -48,6 +49,7 @@ __all__ = [
     "adam",
     "aggregation",
     "async_local_sgd",
+    "asynchrony_momentum",
     "asynchronous",
     "bgd",
     "checkpoint",
@@ -63,10 +65,12 @@ __all__ = [
     "local_sgd",
     "look_ahead",
     "momentum",
+    "momentum_under_delay",
     "nesterov",
     "nnx",
     "parallel",
     "placement",
+    "rate_under_delay",
     "rmsprop",
     "sgd",
     "staleness",

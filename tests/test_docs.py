@@ -98,6 +98,7 @@ def test_api_reference_documents_every_public_name(built_docs):
         "algorithms/diloco.md",
         "algorithms/streaming_diloco.md",
         "algorithms/async_local_sgd.md",
+        "algorithms/implicit_momentum.md",
     ],
 )
 def test_the_code_of_a_page_runs(page):

@@ -558,6 +558,45 @@ def test_the_checked_in_reports_figures_are_readable(folder, tmp_path, monkeypat
         check_figure(fig)
 
 
+def test_local_methods_bytes_and_ticks_by_hand():
+    """The tiny model with every variant: T = 20 steps, so streaming and async local SGD
+    send every 10 steps; the slow link carries a dense gradient in 10 ticks after 1 of
+    latency (11 ticks), a fragment of 2 in ceil(10 x its share) + 1."""
+    from experiments.studies import local
+    from experiments.tasks import transformer
+
+    size = local.SIZES["tiny"]._replace(variants=local.VARIANTS)
+    task = transformer.task(width=size.width, layers=size.layers, length=size.length)
+    params = jax.eval_shape(task.init, jax.random.key(0))
+    dense = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    labels = jax.tree.leaves(fsq.fragment_labels(params, 2))
+    shares = [
+        4
+        * sum(
+            math.prod(x.shape)
+            for x, f in zip(jax.tree.leaves(params), labels, strict=True)
+            if f == k
+        )
+        for k in (0, 1)
+    ]
+    peak_ticks = 1 + math.ceil(max(shares) / (dense / 10))
+    got = {name: m[1:] for name, m in local.methods(task, size).items()}
+    want = {
+        "synchronous": (dense, dense, 1 + 11),
+        "DiLoCo H=5": (dense / 5, dense, 1 + 11 / 5),
+        # The fragment's trip overlaps the next 9 steps at most: what is left, per 10 / 2.
+        "streaming DiLoCo H=10, F=2": (
+            dense / 10,
+            max(shares),
+            1 + max(0, peak_ticks - min(peak_ticks, 9)) / 5,
+        ),
+        "async local SGD H=10": (dense / 10, dense, 1 + (11 - 1) / 10),
+    }
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value), name
+    assert set(got) == {*want, "flying squirrel + top-k 1% + EF"}
+
+
 def test_an_unknown_local_variant_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"local variants are \('streaming DiLoCo'"):
         main(

@@ -66,17 +66,35 @@ ASYNCHRONY = (*DELAYS, *PROFILES)
 LOOK_AHEAD = 8.0  # fsq.look_ahead's horizon, steps
 MOMENTUM_INNERS = frozenset({"momentum", "nesterov", "adam"})  # their last update is smooth
 EVERY_INNER = frozenset(base.CATALOGUE)
-# name: (fsq.flying_squirrel keywords, the inners it wraps in fsq.look_ahead)
-METHODS: dict[str, tuple[dict[str, Any], frozenset[str]]] = {
-    "plain async": (base.OFF, frozenset()),
-    "DC-ASGD-a": ({**base.OFF, "compensation": "adaptive"}, frozenset()),  # Zheng et al. 2017
-    "inverse": ({**base.OFF, "staleness": "inverse"}, frozenset()),  # Zhang et al. 2016
-    "look-ahead": (base.OFF, EVERY_INNER),  # DANA's idea, Hakimi et al. 2019
-    "flying squirrel": ({}, frozenset()),  # the defaults: weighted step + DC-ASGD-a
-    "flying squirrel + look-ahead": ({}, EVERY_INNER),
+
+
+class Method(NamedTuple):
+    """A method of the study: ``fsq.flying_squirrel``'s keywords, the inners it wraps in
+    ``fsq.look_ahead``, and whether the inner's momentum is lowered by what asynchrony adds
+    (``fsq.momentum_under_delay``, at the mean staleness of the delays or profile)."""
+
+    keywords: dict[str, Any]
+    ahead: frozenset[str] = frozenset()
+    momentum_under_delay: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "plain async": Method(base.OFF),
+    "DC-ASGD-a": Method({**base.OFF, "compensation": "adaptive"}),  # Zheng et al. 2017
+    "inverse": Method({**base.OFF, "staleness": "inverse"}),  # Zhang et al. 2016
+    "look-ahead": Method(base.OFF, EVERY_INNER),  # DANA's idea, Hakimi et al. 2019
+    "flying squirrel": Method({}),  # the defaults: weighted step + DC-ASGD-a
+    "flying squirrel + look-ahead": Method({}, EVERY_INNER),
     # Chosen on the tuning half: look-ahead hurts RMSProp there, whose last update is noise.
-    "flying squirrel + look-ahead (momentum inners)": ({}, MOMENTUM_INNERS),
+    "flying squirrel + look-ahead (momentum inners)": Method({}, MOMENTUM_INNERS),
+    # Mitliagkas et al. 2016: asynchrony begets momentum. Probed on held-out cells first.
+    "flying squirrel, momentum less asynchrony's": Method({}, momentum_under_delay=True),
 }
+# The catalogue's momentum inners: the keyword of their momentum (fsq's default, 0.9), and
+# whether its trace is undamped (effective step eta / (1 - mu), kept when mu is lowered).
+MOMENTUM_KEYWORD = {"momentum": "momentum", "nesterov": "momentum", "adam": "b1"}
+UNDAMPED = frozenset({"momentum", "nesterov"})
+SYNCHRONOUS_MOMENTUM = 0.9
 PUBLISHED = ("DC-ASGD-a", "inverse", "look-ahead")  # single published techniques
 # A method "retuned" also runs at rates around the frozen one (half-decade steps of the
 # grid 1, 3, 10, ...: -3 is a thirtieth, +2 ten times) under every delay and scores its
@@ -142,6 +160,13 @@ class OneOf(fsq.delays.DelayModel):
         row = jnp.asarray(logits, jnp.float32)[self.index]
         return jax.random.categorical(key, row).astype(jnp.int32)
 
+    @property
+    def mean_delay(self) -> jax.Array:
+        """The mean delay of ``models[index]`` (traced with ``index``)."""
+        table = np.asarray(self.table, np.float64)
+        means = table @ np.arange(table.shape[1]) / table.sum(axis=1)
+        return jnp.asarray(means, jnp.float32)[self.index]
+
 
 def one_of(models: list[fsq.delays.Categorical], index: jax.Array) -> OneOf:
     """The delays of ``models[index]``, their tables padded to the longest."""
@@ -181,7 +206,13 @@ SIZES = {
         (Cell("logistic", 600, 32, "nesterov"),),  # a held-out one
         (0,),
         (2,),
-        ("plain async", "inverse", "flying squirrel", "flying squirrel + look-ahead"),
+        (
+            "plain async",
+            "inverse",
+            "flying squirrel",
+            "flying squirrel + look-ahead",
+            "flying squirrel, momentum less asynchrony's",
+        ),
         ("uniform(16)", "uniform(64)", "profile sqrt"),
         3,
     ),
@@ -289,15 +320,36 @@ def synchronous(cell: Cell, half: str, seeds, size: Size, settings) -> list[reco
 def transform(inner: str, learning_rate, method: str, delay, seed, **timing) -> Any:
     """``method``'s per-worker transformation of the catalogue's ``inner`` under ``delay``
     (and ``timing``: ``compute=`` a compute profile)."""
-    keywords, ahead = METHODS[method]
-    optimizer = base.catalogue_optimizer(inner, learning_rate)
-    tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **timing, **keywords)
-    return fsq.look_ahead(tx, LOOK_AHEAD) if inner in ahead else tx
+    spec = METHODS[method]
+    if spec.momentum_under_delay and inner in MOMENTUM_KEYWORD:
+        staleness = (
+            mean_staleness(timing["compute"])
+            if timing
+            else fsq.delays.as_delay_model(delay).mean_delay
+        )
+        kept = fsq.momentum_under_delay(SYNCHRONOUS_MOMENTUM, staleness)
+        if inner in UNDAMPED:
+            learning_rate = fsq.rate_under_delay(learning_rate, SYNCHRONOUS_MOMENTUM, staleness)
+        optimizer = fsq.get_optimizer(
+            inner, learning_rate=learning_rate, **{MOMENTUM_KEYWORD[inner]: kept}
+        )
+    else:
+        optimizer = base.catalogue_optimizer(inner, learning_rate)
+    tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **timing, **spec.keywords)
+    return fsq.look_ahead(tx, LOOK_AHEAD) if inner in spec.ahead else tx
+
+
+def mean_staleness(compute: fsq.timing.ComputeModel) -> float:
+    """The mean staleness, in server steps, of workers computing in time at ``compute`` with
+    a server stepping every tick: a job of ``m`` ticks returns ``m - 1`` steps stale, and
+    worker ``i`` returns ``1 / m_i`` gradients a tick (``m_i`` its mean ticks)."""
+    ticks = [compute.mean_ticks(i) for i in range(compute.num_workers or WORKERS)]
+    return sum((m - 1) / m for m in ticks) / sum(1 / m for m in ticks)
 
 
 def _channels(method: str) -> int:
     """The dense channels ``method``'s workers send (compensation sends three)."""
-    return 1 if METHODS[method][0].get("compensation", "adaptive") is None else 3
+    return 1 if METHODS[method].keywords.get("compensation", "adaptive") is None else 3
 
 
 def delayed(cell, half, seeds, learning_rate, method, kinds, settings) -> list[records.Record]:
