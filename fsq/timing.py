@@ -104,6 +104,48 @@ class ComputeModel:
         """The expected duration of ``worker``'s jobs (ignoring variation over time)."""
         raise NotImplementedError
 
+    def mean_staleness(self, num_workers: int | None = None) -> float:
+        r"""The mean staleness, in inner steps, of the gradients under the
+        :func:`asynchronous` policy with links of no transit time, when the server steps
+        every tick (a gradient arrives at every tick, as when some worker's jobs take one).
+
+        A job of :math:`c` ticks returns :math:`c - 1` steps stale, and worker :math:`i`
+        returns :math:`1 / m_i` gradients a tick (:math:`m_i` = :meth:`mean_ticks`), so
+
+        .. math::
+
+          \bar\tau = \frac{\sum_i (m_i - 1) / m_i}{\sum_i 1 / m_i}.
+
+        With fewer steps than ticks the staleness is lower: this is then an upper bound.
+        Use it for :func:`fsq.momentum_under_delay` when workers compute in time.
+
+        Args:
+          num_workers: :math:`W`; defaults to the model's own ``num_workers``.
+
+        Returns:
+          :math:`\bar\tau \ge 0`.
+
+        Raises:
+          ValueError: if the model has no ``num_workers`` and none is given, or one that
+            differs from the model's.
+
+        Example:
+          >>> import fsq
+          >>> print(round(fsq.timing.stragglers(8, slow=[7], factor=10).mean_staleness(), 4))
+          0.1268
+        """
+        if num_workers is None:
+            num_workers = self.num_workers
+        if num_workers is None:
+            raise ValueError("num_workers must be given for a compute model defined for any W")
+        num_workers = _checks.integer("num_workers", num_workers, low=1)
+        if self.num_workers is not None and num_workers != self.num_workers:
+            raise ValueError(
+                f"num_workers must be the model's {self.num_workers}, got {num_workers}"
+            )
+        ticks = [self.mean_ticks(i) for i in range(num_workers)]
+        return sum((m - 1) / m for m in ticks) / sum(1 / m for m in ticks)
+
 
 @dataclasses.dataclass(frozen=True)
 class Fixed(ComputeModel):

@@ -115,16 +115,32 @@ def test_the_study_reads_the_mean_staleness_of_one_of_its_kinds_and_of_a_profile
     for i, model in enumerate(models):
         traced = jax.jit(lambda k: protocols.one_of(models, k).mean_delay)(jnp.int32(i))
         assert float(traced) == pytest.approx(model.mean_delay, rel=1e-6)
-    # sqrt: jobs of 1, 1, 2, 2, 2, 2, 3, 3 ticks return 0, 0, 1, 1, 1, 1, 2, 2 steps stale,
-    # 1/ticks of them a tick: (4 / 2 + 2 * 2 / 3) / (2 + 4 / 2 + 2 / 3) = 10/3 / 14/3.
     sqrt = wallclock.profile("sqrt", protocols.WORKERS, 100, protocols.TICKS_PER_SECOND)
-    assert protocols.mean_staleness(sqrt.compute) == pytest.approx(5 / 7)
+    assert sqrt.compute.ticks == (1, 1, 2, 2, 2, 2, 3, 3)
+
+
+def test_a_compute_models_mean_staleness_by_hand():
+    # Jobs of 1, 1, 2, 2, 2, 2, 3, 3 ticks return 0, 0, 1, 1, 1, 1, 2, 2 steps stale, 1/ticks
+    # of them a tick: (4 / 2 + 2 * 2 / 3) / (2 + 4 / 2 + 2 / 3) = 10/3 / 14/3.
+    sqrt = fsq.timing.fixed([1, 1, 2, 2, 2, 2, 3, 3])
+    assert sqrt.mean_staleness() == pytest.approx(5 / 7)
+    assert sqrt.mean_staleness(8) == pytest.approx(5 / 7)
+    assert fsq.timing.stragglers(8, [7], factor=10).mean_staleness() == pytest.approx(0.9 / 7.1)
+    assert fsq.timing.fixed([1, 1, 1]).mean_staleness() == 0.0  # synchronous speed
+    # Random durations: a geometric mean of 4 ticks (truncation far away) is 3 steps stale,
+    # 1/4 of a gradient a tick: (0 + 3/4) / (1 + 1/4).
+    exponential = fsq.timing.exponential([1.0, 4.0], max_ticks=4096)
+    assert exponential.mean_staleness() == pytest.approx(0.6, rel=1e-6)
+    with pytest.raises(ValueError, match="num_workers must be the model's 8, got 4"):
+        sqrt.mean_staleness(4)
+    with pytest.raises(ValueError, match="num_workers must be given"):
+        fsq.timing.Fixed(max_ticks=1).mean_staleness()
 
 
 def test_the_study_method_measures_the_staleness_it_assumes_in_time():
-    """Under the straggler profile the run's measured staleness is the rule's estimate:
-    7 workers of 1 tick are never stale, one of 10 ticks is 9 steps stale 1/10 of a tick:
-    0.9 / 7.1."""
+    """Under the straggler profile the run's measured staleness is the rule's estimate
+    (``ComputeModel.mean_staleness``): 7 workers of 1 tick are never stale, one of 10 ticks
+    is 9 steps stale 1/10 of a tick: 0.9 / 7.1."""
     from experiments.studies import base, protocols
 
     size = protocols.SIZES["tiny"]._replace(

@@ -323,7 +323,7 @@ def transform(inner: str, learning_rate, method: str, delay, seed, **timing) -> 
     spec = METHODS[method]
     if spec.momentum_under_delay and inner in MOMENTUM_KEYWORD:
         staleness = (
-            mean_staleness(timing["compute"])
+            timing["compute"].mean_staleness(WORKERS)
             if timing
             else fsq.delays.as_delay_model(delay).mean_delay
         )
@@ -337,14 +337,6 @@ def transform(inner: str, learning_rate, method: str, delay, seed, **timing) -> 
         optimizer = base.catalogue_optimizer(inner, learning_rate)
     tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **timing, **spec.keywords)
     return fsq.look_ahead(tx, LOOK_AHEAD) if inner in spec.ahead else tx
-
-
-def mean_staleness(compute: fsq.timing.ComputeModel) -> float:
-    """The mean staleness, in server steps, of workers computing in time at ``compute`` with
-    a server stepping every tick: a job of ``m`` ticks returns ``m - 1`` steps stale, and
-    worker ``i`` returns ``1 / m_i`` gradients a tick (``m_i`` its mean ticks)."""
-    ticks = [compute.mean_ticks(i) for i in range(compute.num_workers or WORKERS)]
-    return sum((m - 1) / m for m in ticks) / sum(1 / m for m in ticks)
 
 
 def _channels(method: str) -> int:
