@@ -16,7 +16,12 @@ from fsq import (
 )
 from fsq.accumulation import AccumulationState, accumulate
 from fsq.assembly import FlyingSquirrelState, asynchronous
-from fsq.implicit_momentum import asynchrony_momentum, momentum_under_delay, rate_under_delay
+from fsq.implicit_momentum import (
+    asynchrony_momentum,
+    hyperparameters_under_delay,
+    momentum_under_delay,
+    rate_under_delay,
+)
 from fsq.local_sgd import async_local_sgd, diloco, fragment_labels, local_sgd, streaming_diloco
 from fsq.look_ahead import LookAheadState, look_ahead
 from fsq.metric_writer import MetricWriter
@@ -62,6 +67,7 @@ __all__ = [
     "flying_squirrel",
     "fragment_labels",
     "get_optimizer",
+    "hyperparameters_under_delay",
     "local_sgd",
     "look_ahead",
     "momentum",

@@ -16,11 +16,20 @@ sum overshoots; the paper's remedy is to lower the explicit momentum under async
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax.numpy as jnp
 
-from fsq import _checks
+from fsq import _checks, optimizers
+
+# The catalogue's optimizers with momentum: the keyword of their momentum, and whether its
+# trace is undamped (effective step eta / (1 - mu), which a lowered mu must keep).
+MOMENTUM_KEYWORDS = {
+    "momentum": ("momentum", True),
+    "nesterov": ("momentum", True),
+    "adam": ("b1", False),
+}
 
 
 def asynchrony_momentum(mean_staleness: Any) -> Any:
@@ -93,12 +102,12 @@ def rate_under_delay(learning_rate: Any, momentum: Any, mean_staleness: Any) -> 
       \eta' = \eta \, \frac{1 - \mu'}{1 - \mu}
 
     Args:
-      learning_rate: :math:`\eta \ge 0` (a float, possibly traced).
+      learning_rate: :math:`\eta \ge 0` (a float, possibly traced), or a schedule.
       momentum: the synchronous momentum :math:`\mu \in [0, 1)`.
       mean_staleness: :math:`\bar\tau \ge 0`, in server steps.
 
     Returns:
-      :math:`\eta'`, a float32 array.
+      :math:`\eta'`, a float32 array, or the schedule scaled by the same factor.
 
     Example:
       >>> import fsq
@@ -109,5 +118,52 @@ def rate_under_delay(learning_rate: Any, momentum: Any, mean_staleness: Any) -> 
       0.0989
     """
     _checks.learning_rate(learning_rate)
-    kept = momentum_under_delay(momentum, mean_staleness)
-    return learning_rate * (1.0 - kept) / (1.0 - momentum)
+    factor = (1.0 - momentum_under_delay(momentum, mean_staleness)) / (1.0 - momentum)
+    if callable(learning_rate):
+        return lambda count: learning_rate(count) * factor
+    return learning_rate * factor
+
+
+def hyperparameters_under_delay(name: str, mean_staleness: Any, **hparams: Any) -> dict[str, Any]:
+    r"""The keywords of ``fsq.<name>`` for a mean staleness :math:`\bar\tau`: its momentum
+    lowered by :func:`momentum_under_delay` (Adam's :math:`\beta_1`; heavy ball's and
+    Nesterov's :math:`\mu`, with the rate scaled by :func:`rate_under_delay`). An optimizer
+    without momentum (SGD, BGD, AdaGrad, RMSProp) keeps its keywords.
+
+    Args:
+      name: a name of :func:`fsq.get_optimizer`.
+      mean_staleness: :math:`\bar\tau \ge 0`, in server steps: a delay model's
+        ``mean_delay``, or a compute model's ``mean_staleness()``; it may be traced.
+      **hparams: the keywords for synchronous training (``learning_rate`` included; an
+        absent momentum is the constructor's default).
+
+    Returns:
+      The keywords to pass to :func:`fsq.get_optimizer` with ``name``.
+
+    Raises:
+      ValueError: if ``name`` is unknown, if heavy ball or Nesterov come without
+        ``learning_rate``, or as :func:`momentum_under_delay`.
+
+    Example:
+      >>> import fsq
+      >>> delay = fsq.delays.uniform(4)  # mean 2: asynchrony adds 2/3
+      >>> hparams = fsq.hyperparameters_under_delay("adam", delay.mean_delay, learning_rate=1e-3)
+      >>> tx = fsq.get_optimizer("adam", **hparams)
+      >>> print(round(float(hparams["b1"]), 4))
+      0.2333
+    """
+    if name not in optimizers.OPTIMIZERS:
+        raise ValueError(f"name must be one of {sorted(optimizers.OPTIMIZERS)}, got {name!r}")
+    if name not in MOMENTUM_KEYWORDS:
+        return dict(hparams)
+    keyword, undamped = MOMENTUM_KEYWORDS[name]
+    if undamped and "learning_rate" not in hparams:
+        raise ValueError(
+            f"learning_rate must be given for {name!r}: it is scaled with the momentum"
+        )
+    default = inspect.signature(optimizers.OPTIMIZERS[name]).parameters[keyword].default
+    momentum = _checks.probability_like(keyword, hparams.get(keyword, default))
+    out = {**hparams, keyword: momentum_under_delay(momentum, mean_staleness)}
+    if undamped:
+        out["learning_rate"] = rate_under_delay(hparams["learning_rate"], momentum, mean_staleness)
+    return out

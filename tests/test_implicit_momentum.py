@@ -65,6 +65,57 @@ def test_bad_arguments_are_named(call, argument):
         call()
 
 
+def test_the_hyperparameters_of_a_named_optimizer_by_hand():
+    # A mean staleness of 2 adds 2/3: Adam's b1 0.9 -> 0.2333, its other keywords kept.
+    adam = fsq.hyperparameters_under_delay("adam", 2.0, learning_rate=1e-3, b2=0.99)
+    assert set(adam) == {"learning_rate", "b1", "b2"}
+    assert (adam["learning_rate"], adam["b2"]) == (1e-3, 0.99)
+    assert float(adam["b1"]) == pytest.approx(0.9 - 2 / 3, abs=1e-6)
+    # Nesterov at its default momentum 0.9: the rate keeps eta / (1 - mu).
+    nesterov = fsq.hyperparameters_under_delay("nesterov", 2.0, learning_rate=0.01)
+    assert float(nesterov["momentum"]) == pytest.approx(0.9 - 2 / 3, abs=1e-6)
+    assert float(nesterov["learning_rate"]) == pytest.approx(0.01 * (1 - 0.9 + 2 / 3) / 0.1)
+    # An explicit momentum of 0.5 at a staleness of 1 drops to 0, the rate doubles.
+    heavy = fsq.hyperparameters_under_delay("momentum", 1.0, learning_rate=0.01, momentum=0.5)
+    assert float(heavy["momentum"]) == 0.0
+    assert float(heavy["learning_rate"]) == pytest.approx(0.02)
+    # Without momentum nothing changes; every result builds its optimizer.
+    for name in ("sgd", "adagrad", "rmsprop"):
+        assert fsq.hyperparameters_under_delay(name, 8.0, learning_rate=0.1) == {
+            "learning_rate": 0.1
+        }
+    for name, hparams in (("adam", adam), ("nesterov", nesterov), ("momentum", heavy)):
+        fsq.get_optimizer(name, **hparams).init(jnp.zeros(2))
+
+
+def test_a_scheduled_rate_is_scaled_at_every_count():
+    schedule = lambda count: 0.01 / (1.0 + count)  # noqa: E731
+    got = fsq.hyperparameters_under_delay("momentum", 2.0, learning_rate=schedule)
+    for count in (0, 3):
+        want = 0.01 / (1 + count) * (1 - 0.9 + 2 / 3) / 0.1
+        assert float(got["learning_rate"](count)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: fsq.hyperparameters_under_delay("lamb", 2.0, learning_rate=0.1), "name must be"),
+        (lambda: fsq.hyperparameters_under_delay("nesterov", 2.0), "learning_rate must be given"),
+        (
+            lambda: fsq.hyperparameters_under_delay("adam", 2.0, learning_rate=0.1, b1=1.0),
+            r"b1 must be in \[0.0, 1.0\)",
+        ),
+        (
+            lambda: fsq.hyperparameters_under_delay("adam", -1.0, learning_rate=0.1),
+            "mean_staleness",
+        ),
+    ],
+)
+def test_bad_hyperparameters_are_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 METHOD = "flying squirrel, momentum less asynchrony's"
 
 

@@ -90,11 +90,6 @@ METHODS: dict[str, Method] = {
     # Mitliagkas et al. 2016: asynchrony begets momentum. Probed on held-out cells first.
     "flying squirrel, momentum less asynchrony's": Method({}, momentum_under_delay=True),
 }
-# The catalogue's momentum inners: the keyword of their momentum (fsq's default, 0.9), and
-# whether its trace is undamped (effective step eta / (1 - mu), kept when mu is lowered).
-MOMENTUM_KEYWORD = {"momentum": "momentum", "nesterov": "momentum", "adam": "b1"}
-UNDAMPED = frozenset({"momentum", "nesterov"})
-SYNCHRONOUS_MOMENTUM = 0.9
 PUBLISHED = ("DC-ASGD-a", "inverse", "look-ahead")  # single published techniques
 # A method "retuned" also runs at rates around the frozen one (half-decade steps of the
 # grid 1, 3, 10, ...: -3 is a thirtieth, +2 ten times) under every delay and scores its
@@ -321,17 +316,15 @@ def transform(inner: str, learning_rate, method: str, delay, seed, **timing) -> 
     """``method``'s per-worker transformation of the catalogue's ``inner`` under ``delay``
     (and ``timing``: ``compute=`` a compute profile)."""
     spec = METHODS[method]
-    if spec.momentum_under_delay and inner in MOMENTUM_KEYWORD:
+    if spec.momentum_under_delay:
         staleness = (
             timing["compute"].mean_staleness(WORKERS)
             if timing
             else fsq.delays.as_delay_model(delay).mean_delay
         )
-        kept = fsq.momentum_under_delay(SYNCHRONOUS_MOMENTUM, staleness)
-        if inner in UNDAMPED:
-            learning_rate = fsq.rate_under_delay(learning_rate, SYNCHRONOUS_MOMENTUM, staleness)
+        hparams = {"learning_rate": learning_rate, **base.CATALOGUE[inner][0]}
         optimizer = fsq.get_optimizer(
-            inner, learning_rate=learning_rate, **{MOMENTUM_KEYWORD[inner]: kept}
+            inner, **fsq.hyperparameters_under_delay(inner, staleness, **hparams)
         )
     else:
         optimizer = base.catalogue_optimizer(inner, learning_rate)
