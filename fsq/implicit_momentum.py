@@ -118,10 +118,10 @@ def rate_under_delay(learning_rate: Any, momentum: Any, mean_staleness: Any) -> 
       0.0989
     """
     _checks.learning_rate(learning_rate)
-    factor = (1.0 - momentum_under_delay(momentum, mean_staleness)) / (1.0 - momentum)
+    kept = momentum_under_delay(momentum, mean_staleness)
     if callable(learning_rate):
-        return lambda count: learning_rate(count) * factor
-    return learning_rate * factor
+        return lambda count: learning_rate(count) * (1.0 - kept) / (1.0 - momentum)
+    return learning_rate * (1.0 - kept) / (1.0 - momentum)
 
 
 def hyperparameters_under_delay(name: str, mean_staleness: Any, **hparams: Any) -> dict[str, Any]:
