@@ -134,8 +134,7 @@ class ComputeModel:
           >>> print(round(fsq.timing.stragglers(8, slow=[7], factor=10).mean_staleness(), 4))
           0.1268
         """
-        if num_workers is None:
-            num_workers = self.num_workers
+        num_workers = self.num_workers if num_workers is None else num_workers
         if num_workers is None:
             raise ValueError("num_workers must be given for a compute model defined for any W")
         num_workers = _checks.integer("num_workers", num_workers, low=1)

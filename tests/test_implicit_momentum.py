@@ -159,7 +159,7 @@ def test_the_study_method_lowers_the_inner_momentum_by_the_delay(inner, built_by
         assert np.abs(plain - got).max() > 1e-4
 
 
-def test_the_study_reads_the_mean_staleness_of_one_of_its_kinds_and_of_a_profile():
+def test_the_study_reads_the_mean_delay_of_one_of_its_kinds_and_the_sqrt_ticks():
     from experiments.studies import protocols, wallclock
 
     models = list(protocols.DELAYS.values())

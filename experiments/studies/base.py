@@ -102,9 +102,15 @@ def learning_rates(centre: float, count: int) -> tuple[float, ...]:
     return tuple(float(f"{x:.3g}") for x in grid[start : start + count])
 
 
-def catalogue_optimizer(name: str, learning_rate: Any) -> optax.GradientTransformation:
-    """``fsq.<name>`` with the catalogue's keywords (the learning rate may be traced)."""
-    return fsq.get_optimizer(name, learning_rate=learning_rate, **CATALOGUE[name][0])
+def catalogue_optimizer(
+    name: str, learning_rate: Any, mean_staleness: Any = None
+) -> optax.GradientTransformation:
+    """``fsq.<name>`` with the catalogue's keywords (the learning rate may be traced); with
+    ``mean_staleness``, its momentum lowered by ``fsq.hyperparameters_under_delay``."""
+    hparams = {"learning_rate": learning_rate, **CATALOGUE[name][0]}
+    if mean_staleness is not None:
+        hparams = fsq.hyperparameters_under_delay(name, mean_staleness, **hparams)
+    return fsq.get_optimizer(name, **hparams)
 
 
 def one_of(

@@ -316,18 +316,14 @@ def transform(inner: str, learning_rate, method: str, delay, seed, **timing) -> 
     """``method``'s per-worker transformation of the catalogue's ``inner`` under ``delay``
     (and ``timing``: ``compute=`` a compute profile)."""
     spec = METHODS[method]
+    staleness = None
     if spec.momentum_under_delay:
         staleness = (
             timing["compute"].mean_staleness(WORKERS)
             if timing
             else fsq.delays.as_delay_model(delay).mean_delay
         )
-        hparams = {"learning_rate": learning_rate, **base.CATALOGUE[inner][0]}
-        optimizer = fsq.get_optimizer(
-            inner, **fsq.hyperparameters_under_delay(inner, staleness, **hparams)
-        )
-    else:
-        optimizer = base.catalogue_optimizer(inner, learning_rate)
+    optimizer = base.catalogue_optimizer(inner, learning_rate, staleness)
     tx = training.flying_squirrel(optimizer, WORKERS, seed, delay=delay, **timing, **spec.keywords)
     return fsq.look_ahead(tx, LOOK_AHEAD) if inner in spec.ahead else tx
 
