@@ -258,3 +258,66 @@ def test_the_report_tells_a_diverged_seed_from_a_method_not_run():
     lines = "\n".join(protocols.section(rows)).splitlines()
     (u64,) = [line for line in lines if line.startswith("| mlp 100x8 adam | uniform(64)")]
     assert [c.strip() for c in u64.split("|")[3:5]] == ["div.", "-"]
+
+
+def _longest_chain(delays: np.ndarray) -> int:
+    """The longest chain of gradients, each computed at parameters the previous one moved,
+    that ``delays[step, worker]`` let reach the last step's parameters: the definition
+    :func:`protocols.fresh_chain` counts per step, by dynamic programming."""
+    steps, _ = delays.shape
+    chain = np.zeros(steps + 1, np.int64)  # rounds in the parameters of step t
+    arriving: dict[int, int] = {}  # delivery step -> the best chain delivered there
+    for t in range(steps):
+        for d in delays[t]:
+            arriving[t + int(d)] = max(arriving.get(t + int(d), 0), chain[t] + 1)
+        chain[t + 1] = max(chain[t], arriving.pop(t, 0))
+    return int(chain[steps])
+
+
+def test_the_fresh_chain_by_hand_and_against_the_longest_chain_simulated():
+    """By hand: no delay chains every step; a constant delay of 3 one step in 4; one
+    worker or two at uniform(1): E[min] = 1/2 or 1/4. Simulated: the longest chain over
+    20,000 steps of 8 workers under the study's delays, within 2%."""
+    import fsq
+
+    assert protocols.fresh_chain(fsq.delays.uniform(0), 8) == 1.0
+    assert (
+        protocols.fresh_chain(
+            fsq.delays.Categorical(max_delay=3, probabilities=(0.0, 0.0, 0.0, 1.0)), 8
+        )
+        == 0.25
+    )
+    assert protocols.fresh_chain(fsq.delays.uniform(1), 1) == pytest.approx(1 / 1.5)
+    assert protocols.fresh_chain(fsq.delays.uniform(1), 2) == pytest.approx(1 / 1.25)
+    rng = np.random.default_rng(0)
+    for kind in ("uniform(4)", "uniform(16)", "heavy-tailed(64)"):
+        model = protocols.DELAYS[kind]
+        p = np.asarray(model.probabilities) / np.sum(model.probabilities)
+        delays = rng.choice(len(p), size=(20_000, 8), p=p)
+        simulated = _longest_chain(delays) / 20_000
+        assert protocols.fresh_chain(model, 8) == pytest.approx(simulated, rel=0.02), kind
+
+
+def test_the_bound_is_synchronous_training_for_the_fresh_chain_of_each_delay():
+    """The tiny held-out cell (40 steps): synchronous at the frozen rate for round(40 x
+    fresh_chain) steps per delay, scored in its cell by its budget; no tuning cell."""
+    from experiments import records
+    from experiments.studies import base
+
+    size = protocols.SIZES["tiny"]._replace(methods=(), retuned=(), bound=True)
+    rows = protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
+    bound = [r for r in rows if r.method == protocols.BOUND]
+    held_out_sync = [
+        r for r in rows if r.method == "synchronous" and r.hyperparameters["half"] == "held-out"
+    ]
+    assert {(r.delay, r.steps) for r in bound} == {("uniform(4)", 34), ("heavy-tailed(64)", 40)}
+    assert {r.hyperparameters["learning_rate"] for r in bound} == {records.best_rate(held_out_sync)}
+    assert {r.hyperparameters["half"] for r in bound} == {"held-out"}
+    assert {protocols.cell_of(r) for r in bound} == {Cell("quadratic", 40, 8, "nesterov")}
+    assert len(bound) == 2 * len(size.held_out_seeds)
+    table = protocols.scores(rows, "held-out")
+    assert set(table) == {
+        ("quadratic 40x8 nesterov", k) for k in ("uniform(4)", "heavy-tailed(64)")
+    }
+    assert all(set(v) == {protocols.BOUND} for v in table.values())
+    assert protocols.BOUND_TEXT in "\n".join(protocols.section(rows))

@@ -98,6 +98,41 @@ PUBLISHED = ("DC-ASGD-a", "inverse", "look-ahead")  # single published technique
 RETUNED_STEPS = (-3, -2, -1, 0, 1, 2)
 
 
+# Synchronous training stopped at the share of its steps that a delayed run can chain
+# (fresh_chain): what a delayed method could keep if the task were the worst case.
+BOUND = "synchronous for the delays' fresh chain (worst-case bound)"
+
+
+def fresh_chain(model: fsq.delays.Categorical, workers: int) -> float:
+    r"""The share of synchronous training's sequential gradient rounds that ``workers``
+    workers, each sending every step with independent delays drawn from ``model``, can
+    chain per step.
+
+    A gradient sent at step :math:`s` with delay :math:`d` first moves the parameters of
+    step :math:`s + d + 1`. A chain of gradients, each computed at parameters the
+    previous one moved, grows by a link from the first step :math:`t` whose parameters
+    hold it to the earliest delivery of the gradients sent from then on: every
+    :math:`1 + A` steps, :math:`A = \min_{j \ge 0} (j + \min_i d_{t+j,i})`, so that
+
+    .. math::
+
+      \text{share} = \frac{1}{1 + \mathbb{E}[A]}, \qquad
+      \mathbb{E}[A] = \sum_{a \ge 0} \prod_{k=0}^{a} P(d > k)^W.
+
+    On the worst-case functions of Nesterov's lower bound (*Introductory Lectures on
+    Convex Optimization*, 2004, section 2.1.2) a first-order method's progress is bounded
+    by the length of this chain (a gradient reveals one coordinate more than the point it
+    was computed at), so no delayed method can do better there than synchronous training
+    with this share of its steps; on easier functions it can. (Arjevani, Shamir and
+    Srebro, *A Tight Convergence Analysis for Stochastic Gradient Descent with Delayed
+    Updates*, ALT 2020, show delayed gradient descent without noise as bad as gradient
+    descent on a :math:`1/\tau` share of the gradients.)
+    """
+    p = np.asarray(model.probabilities, np.float64)
+    later = np.clip(1.0 - np.cumsum(p / p.sum()), 0.0, 1.0) ** workers  # P(min_i d_i > k)
+    return 1.0 / (1.0 + float(np.sum(np.cumprod(later))))
+
+
 def retuned(method: str) -> str:
     """The name of ``method`` with its learning rate tuned under each delay (an oracle)."""
     return f"{method}, rate tuned under delay (oracle)"
@@ -189,12 +224,20 @@ class Size(NamedTuple):
     in_time: tuple[str, ...] = ("held-out",)
     retuned: tuple[str, ...] = ()
     retuned_steps: tuple[int, ...] = RETUNED_STEPS
+    bound: bool = False
 
 
 _FULL = sample(2, 600_000, seed=0)
 SIZES = {
     "full": Size(
-        *_FULL, (0, 1), (2, 3), tuple(METHODS), tuple(ASYNCHRONY), 3, retuned=("flying squirrel",)
+        *_FULL,
+        (0, 1),
+        (2, 3),
+        tuple(METHODS),
+        tuple(ASYNCHRONY),
+        3,
+        retuned=("flying squirrel",),
+        bound=True,
     ),
     "quick": Size(
         (Cell("mlp", 600, 32, "momentum"),),  # a tuning cell of the full scale
@@ -259,6 +302,32 @@ def run(settings: base.Settings) -> list[records.Record]:
             rates = rates_around(learning_rate, size.retuned_steps)
             fields = {"inner": cell.inner, "half": half}
             out += _delays(cell, seeds, method, delays, fields, settings, rates)
+        if size.bound and half == "held-out":
+            out += bound(cell, seeds, learning_rate, delays, settings)
+    return out
+
+
+def bound(cell: Cell, seeds, learning_rate, kinds, settings) -> list[records.Record]:
+    """Synchronous training at the frozen ``learning_rate`` for the :func:`fresh_chain`
+    share of ``cell``'s steps under each delay of ``kinds`` (:data:`BOUND`, scored in
+    ``cell`` by its ``budget``)."""
+    out = []
+    for kind in kinds:
+        steps = max(1, round(cell.steps * fresh_chain(DELAYS[kind], WORKERS)))
+
+        def make_tx(hp, seed):
+            del hp
+            optimizer = base.catalogue_optimizer(cell.inner, learning_rate)
+            return training.flying_squirrel(optimizer, WORKERS, seed, **base.OFF)
+
+        outcome = _train(cell, make_tx, {}, seeds, settings, steps=steps)
+        fields = {
+            "inner": cell.inner,
+            "half": "held-out",
+            "learning_rate": learning_rate,
+            "budget": cell.steps,
+        }
+        out += _records(outcome, cell, lambda values, f=fields, k=kind: records.Run(BOUND, f, k))
     return out
 
 
@@ -495,6 +564,15 @@ RETUNED_TEXT = (
 )
 
 
+BOUND_TEXT = (
+    f" `{BOUND}`: synchronous training at the frozen rate stopped at the share of its steps "
+    "that a delayed run can chain (a chain of gradients, each computed where the last one "
+    "moved the parameters, grows a link per 1 + min over j >= 0 of j + the freshest delay "
+    "of step t + j; held-out cells): what a delayed method could keep if the task were a "
+    "worst case for delays, not a method."
+)
+
+
 def section(rows: list[Record]) -> list[str]:
     halves = _halves(rows)
     lines = [
@@ -507,7 +585,8 @@ def section(rows: list[Record]) -> list[str]:
         "Scores: % of synchronous (accuracy ratio; for a loss with a floor, synchronous "
         "loss above the floor over the method's); `div.` = a seed diverged."
         + (TIMED_TEXT if any(records.timed(r) for r in rows) else "")
-        + (RETUNED_TEXT if any(r.method.endswith(retuned("")) for r in rows) else ""),
+        + (RETUNED_TEXT if any(r.method.endswith(retuned("")) for r in rows) else "")
+        + (BOUND_TEXT if any(r.method == BOUND for r in rows) else ""),
         "",
         "![% of synchronous per cell and method](protocols.png)",
         "",
