@@ -300,11 +300,11 @@ def test_the_fresh_chain_by_hand_and_against_the_longest_chain_simulated():
 
 def test_the_bound_is_synchronous_training_for_the_fresh_chain_of_each_delay():
     """The tiny held-out cell (40 steps): synchronous at the frozen rate for round(40 x
-    fresh_chain) steps per delay, scored in its cell by its budget; no tuning cell."""
+    fresh_chain) steps per delay, scored in its cell by its budget."""
     from experiments import records
     from experiments.studies import base
 
-    size = protocols.SIZES["tiny"]._replace(methods=(), retuned=(), bound=True)
+    size = protocols.SIZES["tiny"]._replace(tuning=(), methods=(), retuned=(), bound=True)
     rows = protocols.run(base.Settings(scale="tiny", progress=False, sizes={"protocols": size}))
     bound = [r for r in rows if r.method == protocols.BOUND]
     held_out_sync = [
