@@ -311,15 +311,14 @@ def bound(cell: Cell, seeds, learning_rate, kinds, settings) -> list[records.Rec
     """Synchronous training at the frozen ``learning_rate`` for the :func:`fresh_chain`
     share of ``cell``'s steps under each delay of ``kinds`` (:data:`BOUND`, scored in
     ``cell`` by its ``budget``)."""
+
+    def make_tx(hp, seed):
+        del hp
+        return _synchronous_tx(cell.inner, learning_rate, seed)
+
     out = []
     for kind in kinds:
         steps = max(1, round(cell.steps * fresh_chain(DELAYS[kind], WORKERS)))
-
-        def make_tx(hp, seed):
-            del hp
-            optimizer = base.catalogue_optimizer(cell.inner, learning_rate)
-            return training.flying_squirrel(optimizer, WORKERS, seed, **base.OFF)
-
         outcome = _train(cell, make_tx, {}, seeds, settings, steps=steps)
         fields = {
             "inner": cell.inner,
@@ -364,12 +363,17 @@ def _records(outcome, cell: Cell, describe) -> list[records.Record]:
     return records.from_outcome(outcome, task, study=NAME, workers=WORKERS, describe=describe)
 
 
+def _synchronous_tx(inner: str, learning_rate, seed) -> Any:
+    """Synchronous training's per-worker transformation of the catalogue's ``inner``."""
+    optimizer = base.catalogue_optimizer(inner, learning_rate)
+    return training.flying_squirrel(optimizer, WORKERS, seed, **base.OFF)
+
+
 def synchronous(cell: Cell, half: str, seeds, size: Size, settings) -> list[records.Record]:
     """The learning-rate sweep of synchronous training in ``cell``."""
 
     def make_tx(hp, seed):
-        optimizer = base.catalogue_optimizer(cell.inner, hp["learning_rate"])
-        return training.flying_squirrel(optimizer, WORKERS, seed, **base.OFF)
+        return _synchronous_tx(cell.inner, hp["learning_rate"], seed)
 
     rates = base.learning_rates(base.CATALOGUE[cell.inner][1], size.rates)
     outcome = _train(cell, make_tx, {"learning_rate": rates}, seeds, settings)
