@@ -88,6 +88,31 @@ def test_scores_and_verdict_by_hand():
     assert verdict["beats_published"] == 0.5  # inverse wins at uniform(64)
     assert protocols.verdict(table, "plain async")["diverged"] == 1
     assert protocols.scores(rows, "tuning") == {}
+    # Beyond seed noise: inverse's seeds (86.25, 88.75%) both top the default's (85, 85%)
+    # at uniform(64), not at uniform(16); plain async is below on every seed, or diverged.
+    seeds = protocols.seed_scores(rows, "held-out")
+    assert seeds[(label, "uniform(64)")]["inverse"] == pytest.approx([86.25, 88.75])
+    assert seeds[(label, "uniform(64)")]["plain async"] == [62.5, None]
+    assert protocols.verdict(table, "flying squirrel", seeds)["beaten_beyond_noise"] == 0.5
+    assert protocols.verdict(table, "plain async", seeds)["beaten_beyond_noise"] == 1.0
+    assert verdict["beaten_beyond_noise"] is None  # without the seeds
+
+
+def test_a_better_mean_is_not_better_beyond_noise_within_the_seeds():
+    """Inverse's mean tops the default's at uniform(16) (0.725 against 0.72) but its seeds
+    (0.72, 0.73) straddle the default's (0.70, 0.74): not beyond noise. At uniform(64) its
+    worse seed (0.70) tops the default's better (0.69): beyond noise."""
+    rows = [_run("synchronous", 0.8, s, "none") for s in (0, 1)]
+    for method, u16, u64 in (
+        ("flying squirrel", (0.70, 0.74), (0.69, 0.60)),
+        ("inverse", (0.72, 0.73), (0.70, 0.71)),
+    ):
+        rows += [_run(method, a, s) for s, a in enumerate(u16)]
+        rows += [_run(method, a, s, "uniform(64)") for s, a in enumerate(u64)]
+    table, seeds = protocols.scores(rows, "held-out"), protocols.seed_scores(rows, "held-out")
+    verdict = protocols.verdict(table, "flying squirrel", seeds)
+    assert verdict["beats_published"] == 0.0
+    assert verdict["beaten_beyond_noise"] == 0.5
 
 
 def test_a_loss_with_a_floor_scores_by_its_distance_to_the_floor():
