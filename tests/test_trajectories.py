@@ -13,7 +13,7 @@ code for the host's vector units rounds the same programs differently (up to 3e-
 Against the recording of a machine that rounds as this one does (same
 :func:`tests.trajectories.fingerprint`), every run must match bitwise: the numbers a
 refactor must not move. ``python -m tests.trajectories`` records one for a new machine.
-The suite compiles without LLVM's optimizations (tests/conftest.py), which rounds
+The suite compiles without LLVM's optimizations (:mod:`tests._compile`), which rounds
 differently from optimized code: each has its own recording here, the optimized one
 checked with ``XLA_FLAGS=--xla_backend_optimization_level=3``.
 """

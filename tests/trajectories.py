@@ -10,7 +10,9 @@ and keeps the parameters and the transform's metrics after every step.
   one does (:func:`fingerprint`), if there is one: XLA compiles for the host's vector
   units, so the same program can round differently on another CPU.
 
-``python -m tests.trajectories`` records this machine's.
+``python -m tests.trajectories`` records this machine's, compiled as the test suite
+compiles (:mod:`tests._compile`; ``XLA_FLAGS=--xla_backend_optimization_level=3`` for
+the optimized code's recording).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import optax
 
 import fsq
+from tests import _compile
 
 STEPS = 50
 PATH = pathlib.Path(__file__).parent / "data" / "trajectories.npz"
@@ -233,5 +236,6 @@ def record(path: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
+    _compile.unoptimized()  # before JAX's backend starts: record the suite's rounding
     jax.config.update("jax_num_cpu_devices", 8)
     record(this_machine())
