@@ -1,10 +1,10 @@
 """The studies users run with fsq: ``python -m experiments [STUDY] [options]``.
 
-With no study, every study runs at the quick scale (the main job: a few minutes on 2 CPU
-cores) and the report is written. STUDY may also be "all" (every study, full scale), one
-study, "report" (rebuild report.md and the plots of --out from its results.json),
-"rerun DIR" (run again what DIR's config.json recorded) or "coordination" (the delay
-study behind Flying Squirrel's defaults).
+With no study, every study runs at the quick scale (the main job: minutes on 2 CPU
+cores; the README says how many) and the report is written. STUDY may also be "all"
+(every study, full scale), one study, "report" (rebuild report.md and the plots of --out
+from its results.json), "rerun DIR" (run again what DIR's config.json recorded) or
+"coordination" (the delay study behind Flying Squirrel's defaults).
 
 Devices: --devices auto (the default) uses the accelerators when there are any, else 8
 simulated CPU devices; --devices N uses N (simulated, on a CPU). Several processes (hosts

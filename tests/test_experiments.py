@@ -406,9 +406,11 @@ def check_figure(fig) -> tuple[int, int]:
                 assert (y > 0).all(), ax.get_title()
         labelled = {a.get_label() for a in [*lines, *ax.collections]} - {""}
         labelled = {label for label in labelled if not label.startswith("_")}
+        shared = [{t.get_text() for t in legend.get_texts()} for legend in fig.legends]
         if len(labelled) > 1:  # its own legend, or the figure's with every label of it
-            shared = [{t.get_text() for t in legend.get_texts()} for legend in fig.legends]
             assert ax.get_legend() is not None or any(labelled <= s for s in shared), ax.get_title()
+        if ax.get_legend() is not None:  # not both: two legends of one series crowd the axes
+            assert not any(labelled & s for s in shared), ax.get_title()
     return markers, labels
 
 
@@ -602,6 +604,22 @@ def test_an_unknown_local_variant_is_named(tmp_path):
         main(
             ["local", "--tiny", "--no-progress", "--out", str(tmp_path), "--set", "variants=('x',)"]
         )
+
+
+def test_the_coordination_figure_reads_from_its_checked_in_results(tmp_path, monkeypatch):
+    """The figure of the study behind the defaults, redrawn from docs/coordination.json:
+    one legend for every method, the synchronous line named, every diverged cell marked."""
+    from experiments.studies import coordination
+
+    figures = saved_figures(monkeypatch)
+    docs = pathlib.Path(__file__).parents[1] / "docs"
+    records = json.loads((docs / "coordination.json").read_text())
+    coordination.plot(records, tmp_path / "coordination.png")
+    fig = figures["coordination.png"]
+    markers, labels = check_figure(fig)
+    assert markers >= 2 and labels >= 2  # plain async and delay-adaptive diverge at 64
+    (shown,) = [{t.get_text() for t in legend.get_texts()} for legend in fig.legends]
+    assert {"synchronous", "flying squirrel default (weighted step tau_C 3 + DC-a lam0 1)"} <= shown
 
 
 def test_the_coordination_study_exchanges_as_the_runner_says(monkeypatch):

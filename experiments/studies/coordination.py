@@ -222,6 +222,7 @@ def table(records: dict) -> str:
 
 def plot(records: dict, path: pathlib.Path) -> None:
     plt, fig, axes = figure(len(INNERS), width=6.5)
+    fig.set_figheight(5.5)  # room for the legend of every method beneath the axes
     uniform = [d for d in DELAYS if d.startswith("uniform")]
     xs = [0] + [DELAYS[d].max_delay for d in uniform]
     for ax, inner in zip(axes, INNERS, strict=True):
@@ -244,13 +245,12 @@ def plot(records: dict, path: pathlib.Path) -> None:
                 higher_is_better=True,
                 marker="o",
             )
-        ax.axhline(100 * sync, color="gray", linestyle=":", linewidth=0.8)
+        ax.axhline(100 * sync, color="gray", linestyle=":", linewidth=0.8, label="synchronous")
         ax.set_xscale("symlog", linthresh=4)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_title(f"{inner} inner, MNIST-1D MLP, {WORKERS} workers")
         ax.set_xlabel("max_delay (uniform delays)")
         ax.set_ylabel("test accuracy (%)")
-        ax.legend(loc="lower left", fontsize=7)  # below the curves, where they diverged
     save(plt, fig, path)
 
 

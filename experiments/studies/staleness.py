@@ -240,7 +240,9 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
             bounds = [0] + [v[0].hyperparameters["max_delay"] for v in cells.values()]
             points(ax, bounds, [sync, *cells.values()], index=i, label=method)
         if np.isfinite(plotted(sync)):
-            ax.axhline(plotted(sync), color="gray", linestyle="--", linewidth=0.8)
+            ax.axhline(
+                plotted(sync), color="gray", linestyle="--", linewidth=0.8, label="synchronous"
+            )
         ax.set_xscale("symlog", linthresh=4)
         ticks = sorted({0} | {r.hyperparameters.get("max_delay", 0) for r in runs})
         ax.set_xticks(ticks, [str(t) for t in ticks])

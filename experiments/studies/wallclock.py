@@ -759,7 +759,9 @@ def plot(rows: list[Record], out: pathlib.Path) -> None:
             label = m + (f" ({r.diverged})" if r.diverged else "")
             kwargs = {**style(i), "color": METHOD_COLORS.get(m, style(i)["color"])}
             ax.plot(r.times[ok], np.minimum(r.curve[ok], top), label=label, lw=1.2, **kwargs)
-        ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+        ax.axhline(
+            target, color="gray", linestyle=":", linewidth=1, label="target (synchronous, final)"
+        )
         ax.set_ylim(low, top * 1.02)
         ax.set_xlabel("simulated seconds")
         ax.set_title(f"{task}, W={w}: {prof}", fontsize=9)
