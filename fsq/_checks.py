@@ -60,11 +60,11 @@ def probability_like(name: str, value: Any) -> Any:
     return real_in_range(name, value, 0.0, 1.0, high_open=True)
 
 
-def learning_rate(value: Any) -> Any:
+def learning_rate(value: Any, name: str = "learning_rate") -> Any:
     """Checks a learning rate: a non-negative finite float, or a schedule (callable)."""
     if callable(value):
         return value
-    return real_in_range("learning_rate", value, 0.0)
+    return real_in_range(name, value, 0.0)
 
 
 def integer(name: str, value: Any, low: int = 0, high: int | None = None) -> int:

@@ -341,4 +341,4 @@ def as_delay_model(delay: int | DelayModel) -> DelayModel:
         raise TypeError(
             f"delay must be an int or a fsq.delays model, got {type(delay).__name__} {delay!r}"
         )
-    return constant(int(delay))
+    return constant(_max_delay("delay", int(delay)))  # checked here to name the argument

@@ -86,6 +86,12 @@ def local_sgd(
     return flying_squirrel(outer, num_workers=num_workers, local=piece, **options)
 
 
+def _outer_checks(learning_rate: Any, momentum: Any) -> None:
+    """The outer optimizer's keywords, named as the caller passed them."""
+    _checks.learning_rate(learning_rate, "outer_learning_rate")
+    _checks.probability_like("outer_momentum", momentum)
+
+
 def diloco(
     local: optax.GradientTransformation,
     *,
@@ -120,6 +126,7 @@ def diloco(
       >>> import fsq, optax
       >>> tx = fsq.diloco(optax.adamw(1e-3), num_workers=8, steps=50)
     """
+    _outer_checks(outer_learning_rate, outer_momentum)
     outer = optimizers.nesterov(outer_learning_rate, momentum=outer_momentum)
     return local_sgd(outer, local, num_workers=num_workers, steps=steps, **options)
 
@@ -211,6 +218,7 @@ def streaming_diloco(
     overlap = _checks.integer("overlap", overlap, low=0, high=steps - 1)
     if "delay" in options:
         raise TypeError("streaming_diloco takes overlap, the delay of every pseudo-gradient")
+    _outer_checks(outer_learning_rate, outer_momentum)
     outer = optimizers.nesterov(outer_learning_rate, momentum=outer_momentum)
     per_fragment = {
         p: local_sgd(
@@ -269,6 +277,7 @@ def async_local_sgd(
       ...                          compute=fsq.timing.fixed([1, 1, 2, 4]), dynamic_steps=True)
     """
     steps = _checks.integer("steps", steps, low=1)
+    _outer_checks(outer_learning_rate, outer_momentum)
     per_worker: int | list[int] = steps
     if dynamic_steps:
         if compute is None:

@@ -248,7 +248,11 @@ def flying_squirrel(
     send = []
     if clocked:
         every_tick = _timing.fixed([1] * num_workers)
-        send.append(transforms.clock(compute or every_tick, policy, tick_seconds=tick_seconds))
+        send.append(
+            transforms.clock(
+                compute or every_tick, policy, tick_seconds=tick_seconds, num_workers=num_workers
+            )
+        )
     if fault_model is not None:
         send.append(transforms.liveness(fault_model))
     send.append(transforms.reject_non_finite())

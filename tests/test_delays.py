@@ -130,7 +130,16 @@ def test_models_are_hashable_and_comparable():
         (lambda: delays.trace([[0, -1]]), ValueError, r"\[0, max_delay"),
         (lambda: delays.trace([0, 1]), ValueError, "delays"),
         (lambda: delays.trace([[0.5]]), ValueError, "delays"),
-        (lambda: fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=-1), ValueError, "tau"),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=-1),
+            ValueError,
+            r"delay must be an int in \[0, 65536\], got -1",
+        ),
+        (
+            lambda: fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=70000),
+            ValueError,
+            r"delay must be an int in \[0, 65536\]",
+        ),
         (lambda: fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=1.0), TypeError, "delay"),
     ],
 )

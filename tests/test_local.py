@@ -468,6 +468,25 @@ def test_checkpoint_mid_round_resumes_bitwise(tmp_path):
             ValueError,
             "needs a compute model",
         ),
+        (
+            lambda: fsq.diloco(fsq.sgd(0.1), num_workers=2, outer_learning_rate=-1.0),
+            ValueError,
+            r"outer_learning_rate must be in \[0.0, inf\], got -1.0",
+        ),
+        (
+            lambda: fsq.streaming_diloco(
+                fsq.sgd(0.1), num_workers=2, steps=4, fragments=2, outer_momentum=1.0
+            ),
+            ValueError,
+            r"outer_momentum must be in \[0.0, 1.0\), got 1.0",
+        ),
+        (
+            lambda: fsq.async_local_sgd(
+                fsq.sgd(0.1), num_workers=2, steps=4, outer_learning_rate=float("nan")
+            ),
+            ValueError,
+            "outer_learning_rate must be finite",
+        ),
         (lambda: fsq.delayed_nesterov(0.1, period=0), ValueError, "period must be an int in"),
         (
             lambda: fsq.delayed_nesterov(0.1, momentum=1.0, period=2),

@@ -356,6 +356,29 @@ def test_a_batch_larger_than_the_workers_is_refused():
 
 
 @pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"compute": timing.fixed([1, 2])}, "defined for 2 workers, but num_workers=4"),
+        ({"policy": timing.backup(4)}, r"backup\(4\) needs fewer backup workers"),
+        ({"policy": timing.rennala(5)}, "at most num_workers=4"),
+    ],
+)
+def test_the_preset_checks_compute_and_policy_against_the_workers_when_built(options, match):
+    """``num_workers`` is known when the preset is built: a mismatch fails there, not at
+    ``init`` inside the training step."""
+    with pytest.raises(ValueError, match=match):
+        fsq.flying_squirrel(fsq.sgd(LR), num_workers=4, **options)
+
+
+def test_a_clock_built_without_the_workers_checks_them_at_init():
+    tx = fsq.asynchronous(
+        fsq.sgd(LR), num_workers=4, send=[T.clock(timing.fixed([1, 2]), timing.asynchronous())]
+    )
+    with pytest.raises(ValueError, match="defined for 2 workers, but num_workers=4"):
+        fsq.parallel.vmap_workers(tx, num_workers=4).init(jnp.zeros(1))
+
+
+@pytest.mark.parametrize(
     ("policy", "stale"),
     [
         ("asynchronous", True),

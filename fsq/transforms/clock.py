@@ -209,7 +209,11 @@ def starting(state: Schedule) -> jax.Array:
 
 
 def clock(
-    compute: ComputeModel, policy: Policy, *, tick_seconds: float = 1.0
+    compute: ComputeModel,
+    policy: Policy,
+    *,
+    tick_seconds: float = 1.0,
+    num_workers: int | None = None,
 ) -> SendTransformation:
     r"""Workers that take ``compute``'s time per gradient, coordinated by ``policy``.
 
@@ -223,6 +227,8 @@ def clock(
       compute: a :mod:`fsq.timing` compute model.
       policy: a :mod:`fsq.timing` policy.
       tick_seconds: the seconds of one tick, ``> 0``.
+      num_workers: the number of workers, when known here: ``compute`` and ``policy`` are
+        then checked against it now rather than at ``init``.
 
     Example:
       >>> import jax, jax.numpy as jnp, fsq
@@ -244,22 +250,25 @@ def clock(
         raise TypeError(f"policy must be a fsq.timing policy, got {policy!r}")
     seconds = float(_checks.positive("tick_seconds", tick_seconds))
 
-    def check(context):
-        if compute.num_workers not in (None, context.num_workers):
+    def check(num_workers: int) -> None:
+        if compute.num_workers not in (None, num_workers):
             raise ValueError(
                 f"the compute model is defined for {compute.num_workers} workers, but "
-                f"num_workers={context.num_workers}"
+                f"num_workers={num_workers}"
             )
-        if policy.name in ("backup", "rennala") and policy.size >= context.num_workers + (
+        if policy.name in ("backup", "rennala") and policy.size >= num_workers + (
             policy.name == "rennala"
         ):
             raise ValueError(
                 f"{policy.name}({policy.size}) needs fewer backup workers than workers, or a "
-                f"batch of at most num_workers={context.num_workers}"
+                f"batch of at most num_workers={num_workers}"
             )
 
+    if num_workers is not None:
+        check(_checks.integer("num_workers", num_workers, low=1))
+
     def init(params, context):
-        check(context)
+        check(context.num_workers)
         num_workers = context.num_workers
         rows = window(compute, policy, context.link.max_delay) + 1
         zeros = jnp.zeros((rows, num_workers), jnp.int32)
