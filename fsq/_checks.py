@@ -13,6 +13,7 @@ import numbers
 from typing import Any
 
 import jax
+import optax
 
 
 def _is_traced(value: Any) -> bool:
@@ -75,3 +76,12 @@ def integer(name: str, value: Any, low: int = 0, high: int | None = None) -> int
         upper = "inf)" if high is None else f"{high}]"
         raise ValueError(f"{name} must be an int in [{low}, {upper}, got {value!r}")
     return int(value)
+
+
+def transformation(name: str, value: Any) -> Any:
+    """Checks that ``value`` is an optax transformation (a preset's, a chain, any)."""
+    if not isinstance(value, optax.GradientTransformation):
+        raise TypeError(
+            f"{name} must be an optax.GradientTransformation, got {type(value).__name__}"
+        )
+    return value

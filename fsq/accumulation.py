@@ -59,6 +59,7 @@ def accumulate(
       >>> print(u)
       [-2.]
     """
+    _checks.transformation("inner", inner)
     k = _checks.integer("num_microbatches", num_microbatches, low=1)
 
     def sum_dtype(x: jax.Array) -> jnp.dtype:

@@ -178,10 +178,7 @@ def asynchronous(
       >>> updates.shape
       (2,)
     """
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"inner must be an optax.GradientTransformation, got {type(inner).__name__}"
-        )
+    _checks.transformation("inner", inner)
     num_workers = _checks.integer("num_workers", num_workers, low=1)
     names = _axes.normalize(axis_name)
     if not isinstance(seed, jax.core.Tracer):

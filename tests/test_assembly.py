@@ -151,3 +151,22 @@ def test_extra_arguments_reach_the_inner_optimizer():
         updates, state = workers.update(jnp.ones((2, 1)), state, jnp.zeros(1), value=loss)
     np.testing.assert_allclose(updates, [-0.5])
     assert jax.tree.leaves(state)  # a state came back
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda tx: fsq.asynchronous(tx, num_workers=2), "inner"),
+        (lambda tx: fsq.flying_squirrel(tx, num_workers=2), "inner"),
+        (lambda tx: fsq.accumulate(tx, 2), "inner"),
+        (lambda tx: fsq.look_ahead(tx), "inner"),
+        (lambda tx: fsq.local_sgd(tx, fsq.sgd(0.1), num_workers=2, steps=2), "outer"),
+        (lambda tx: fsq.local_sgd(fsq.sgd(1.0), tx, num_workers=2, steps=2), "local"),
+        (lambda tx: fsq.diloco(tx, num_workers=2, steps=2), "local"),
+    ],
+)
+def test_a_wrapper_names_the_transformation_it_was_given_when_built(build, name):
+    """An optimizer's name, or the factory instead of the transformation, fails at once."""
+    for wrong in ("sgd", fsq.sgd):
+        with pytest.raises(TypeError, match=f"^{name} must be an optax.GradientTransformation"):
+            build(wrong)

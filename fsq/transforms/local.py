@@ -173,10 +173,7 @@ def local_steps(
       IDLE [0.5]
       SENT [2.]
     """
-    if not isinstance(local, optax.GradientTransformation):
-        raise TypeError(
-            f"local must be an optax.GradientTransformation, got {type(local).__name__}"
-        )
+    _checks.transformation("local", local)
     per_worker = _steps(steps)
     offset = _checks.integer("offset", offset, low=0, high=min(per_worker) - 1)
     alpha = None if mixing is None else float(_checks.real_in_range("mixing", mixing, 0.0, 1.0))
