@@ -132,6 +132,12 @@ def test_seed_noise_allowed_lowers_the_bar_to_synchronous_trainings_own_lowest_s
     assert verdict["mild_95_noise"] == 0.5  # uniform(16) passes, uniform(4) diverged
     assert verdict["all_90_noise"] == pytest.approx(1 / 3)  # uniform(16) only
     assert protocols.verdict(table, "flying squirrel")["mild_95_noise"] is None
+    # Synchronous training diverged on every seed: nothing scores, the cell fails.
+    rows = [_run("synchronous", np.nan, s, "none") for s in (0, 1)]
+    rows += [_run("flying squirrel", 0.7, s) for s in (0, 1)]
+    table, seeds = protocols.scores(rows, "held-out"), protocols.seed_scores(rows, "held-out")
+    verdict = protocols.verdict(table, "flying squirrel", seeds)
+    assert verdict["mild_95_noise"] == 0.0 and verdict["diverged"] == 1
 
 
 def test_a_loss_with_a_floor_scores_by_its_distance_to_the_floor():

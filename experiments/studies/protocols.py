@@ -584,7 +584,7 @@ def verdict(
     def within_noise(k: tuple[str, str], level: float) -> bool:
         ours = seeds[k][method]
         theirs = [x for x in seeds[k][SYNCHRONOUS_METHOD] if x is not None]
-        return None not in ours and max(ours) >= min(level, *theirs)
+        return None not in ours and max(ours) >= min([level, *theirs])
 
     def share(keys: list, passes) -> float | None:
         return None if seeds is None else sum(map(passes, keys)) / max(1, len(keys))
@@ -597,9 +597,7 @@ def verdict(
         "mild_95_noise": share(mild, lambda k: within_noise(k, 95)),
         "all_90_noise": share(list(values), lambda k: within_noise(k, 90)),
         "beats_published": len(wins) / len(paired) if paired else None,
-        "beaten_beyond_noise": sum(map(beyond_noise, paired)) / len(paired)
-        if seeds is not None and paired
-        else None,
+        "beaten_beyond_noise": share(paired, beyond_noise) if paired else None,
         "diverged": sum(x is None for x in values.values()),
     }
 
