@@ -371,3 +371,44 @@ def test_the_bound_is_synchronous_training_for_the_fresh_chain_of_each_delay():
     }
     assert all(set(v) == {protocols.BOUND} for v in table.values())
     assert protocols.BOUND_TEXT in "\n".join(protocols.section(rows))
+
+
+def _first_delivered_update(inner, method, monkeypatch, delay=6, learning_rate=0.01):
+    """``method``'s update at the first step that delivers anything: every worker sends the
+    same gradient at the same parameters under a constant ``delay``."""
+    import fsq
+    from experiments import training
+
+    monkeypatch.setattr(training, "on_trainer", lambda seed: {"seed": seed})  # one vmap axis
+    tx = protocols.transform(inner, learning_rate, method, delay, 0)
+    workers = fsq.parallel.vmap_workers(tx, num_workers=protocols.WORKERS)
+    params = jnp.zeros(3)
+    state = workers.init(params)
+    grads = jnp.broadcast_to(jnp.array([1.0, -2.0, 0.5]), (protocols.WORKERS, 3))
+    for _ in range(delay + 1):
+        update, state = workers.update(grads, state, params)
+    return np.asarray(update)
+
+
+def test_the_gradient_scope_method_weighs_gradients_not_steps_for_inners_with_momentum(
+    monkeypatch,
+):
+    """Adam's first step is lr * sign(g) whatever the gradient's scale: in the gradient
+    scope the weight 3/6 of a gradient 6 steps stale is normalised away, in the step scope
+    it halves the step; look-ahead then holds the parameters 6 steps ahead (7 steps in all)."""
+    sign = np.array([1.0, -1.0, 1.0])
+    gradient_scope = _first_delivered_update("adam", protocols.GRADIENT_SCOPE_AHEAD, monkeypatch)
+    np.testing.assert_allclose(gradient_scope, -7 * 0.01 * sign, rtol=1e-5)
+    step_scope = _first_delivered_update(
+        "adam", "flying squirrel + look-ahead (momentum inners)", monkeypatch
+    )
+    np.testing.assert_allclose(step_scope, -7 * 0.5 * 0.01 * sign, rtol=1e-5)
+
+
+def test_the_gradient_scope_method_keeps_the_defaults_for_rmsprop(monkeypatch):
+    ours = _first_delivered_update("rmsprop", protocols.GRADIENT_SCOPE_AHEAD, monkeypatch)
+    defaults = _first_delivered_update("rmsprop", "flying squirrel", monkeypatch)
+    np.testing.assert_array_equal(ours, defaults)
+    # The step scope halves RMSProp's normalised step: the weight 3/6 is not normalised away.
+    plain = _first_delivered_update("rmsprop", "plain async", monkeypatch)
+    np.testing.assert_allclose(ours, 0.5 * plain, rtol=1e-5)
