@@ -107,3 +107,18 @@ def local_index(local: tuple[str, ...]) -> jax.Array:
 def local_count(local: tuple[str, ...]) -> int:
     """How many workers share this device."""
     return math.prod(lax.axis_size(n) for n in local)
+
+
+def model_axes() -> tuple[str, ...]:
+    """The axes that shard the model here: inside a ``shard_map`` manual over the worker
+    axes only (:mod:`fsq.parallel` with model axes), the mesh's other axes of more than one
+    device; ``()`` anywhere else."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes:
+        return ()
+    manual = set(mesh.manual_axes)
+    return tuple(
+        name
+        for name, size in zip(mesh.axis_names, mesh.axis_sizes, strict=True)
+        if name not in manual and size > 1
+    )

@@ -77,7 +77,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,35 +117,56 @@ class Aggregation(NamedTuple):
         """Whether the rule needs each worker's gradients apart (all but ``"mean"``)."""
         return self.name != "mean"
 
-    def reduce(self, votes: jax.Array, present: jax.Array) -> jax.Array:
-        """Reduces ``votes`` ``[W, n]`` over the workers where ``present`` ``[W]`` holds
+    def reduce(self, votes: Any, present: jax.Array) -> Any:
+        """Reduces ``votes`` over the workers where ``present`` ``[W]`` holds
         (``"mean"``: the mean of the votes).
 
-        Returns zeros where no worker is present.
+        ``votes`` is an array ``[W, n]`` or any pytree whose leaves are ``[W, ...]`` (a
+        vote's coordinates, laid out as the parameters are): coordinate-wise rules reduce
+        each leaf, and the distances of mixing and centered clipping are over every
+        coordinate of every leaf. Returns zeros where no worker is present.
         """
         count = jnp.sum(present.astype(jnp.int32))
         if self.mixing:
             votes = _mix(votes, present, count, self.mixing)
         if self.name == "centered_clip":
             return _centered_clip(votes, present, count, self.iterations)
-        ordered = _ordered(votes, present)
-        if self.name == "median":
-            return _median(ordered, count)
-        cut = jnp.floor(self.trim * count.astype(jnp.float32)).astype(jnp.int32)
-        rank = jnp.arange(votes.shape[0])[:, None]
-        total = _sum_rows(jnp.where((rank >= cut) & (rank < count - cut), ordered, 0))
-        return total / jnp.maximum(count - 2 * cut, 1).astype(votes.dtype)
+
+        def leaf(v):
+            ordered = _ordered(v, present)
+            if self.name == "median":
+                return _median(ordered, count)
+            cut = jnp.floor(self.trim * count.astype(jnp.float32)).astype(jnp.int32)
+            rank = _along_workers(jnp.arange(v.shape[0]), v)
+            total = _sum_rows(jnp.where((rank >= cut) & (rank < count - cut), ordered, 0))
+            return total / jnp.maximum(count - 2 * cut, 1).astype(v.dtype)
+
+        return jax.tree.map(leaf, votes)
 
 
-def _mix(votes: jax.Array, present: jax.Array, count: jax.Array, bad: int) -> jax.Array:
+def _along_workers(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` (``[W]``) shaped to broadcast against ``like`` (``[W, ...]``)."""
+    return x.reshape(x.shape + (1,) * (like.ndim - 1))
+
+
+def _coordinates(v: jax.Array) -> tuple[int, ...]:
+    """The axes of a vote's coordinates in ``v`` (``[W, ...]``): all but the first."""
+    return tuple(range(1, v.ndim))
+
+
+def _mix(votes: Any, present: jax.Array, count: jax.Array, bad: int) -> Any:
     """Nearest-neighbour mixing: each vote becomes the mean of the ``count - bad`` present
     votes nearest to it (itself included)."""
-    gram = votes @ votes.T
+    grams = [
+        jnp.tensordot(v, v, axes=(_coordinates(v), _coordinates(v))) for v in jax.tree.leaves(votes)
+    ]
+    gram = sum(grams[1:], grams[0])
     norms = jnp.diag(gram)
     distances = jnp.where(present[None, :], norms[:, None] + norms[None, :] - 2 * gram, jnp.inf)
     rank = jnp.argsort(jnp.argsort(distances, axis=1), axis=1)
     nearest = jnp.maximum(count - bad, 1)
-    return ((rank < nearest).astype(votes.dtype) / nearest.astype(votes.dtype)) @ votes
+    weights = (rank < nearest).astype(gram.dtype) / nearest.astype(gram.dtype)
+    return jax.tree.map(lambda v: jnp.tensordot(weights.astype(v.dtype), v, axes=1), votes)
 
 
 def _sum_rows(x: jax.Array) -> jax.Array:
@@ -184,7 +205,7 @@ def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
 
 def _ordered(votes: jax.Array, present: jax.Array) -> jax.Array:
     # Absent votes sort last, so the present ones are the first `count` of each column.
-    votes = jnp.where(present[:, None], votes, jnp.inf)
+    votes = jnp.where(_along_workers(present, votes), votes, jnp.inf)
     if votes.shape[0] > NETWORK_MAX_VOTES:
         return jnp.sort(votes, axis=0)
     rows = list(votes)
@@ -201,13 +222,20 @@ def _median(ordered: jax.Array, count: jax.Array) -> jax.Array:
 
 def _centered_clip(votes, present, count, iterations):
     """Centered clipping from the coordinate-wise median, radius the median distance."""
-    center = _median(_ordered(votes, present), count)
+    center = jax.tree.map(lambda v: _median(_ordered(v, present), count), votes)
     for _ in range(iterations):
-        offsets = jnp.where(present[:, None], votes - center, 0)
-        distances = jnp.sqrt(jnp.sum(offsets * offsets, axis=1))
+        offsets = jax.tree.map(
+            lambda v, c: jnp.where(_along_workers(present, v), v - c, 0), votes, center
+        )
+        squares = [jnp.sum(o * o, axis=_coordinates(o)) for o in jax.tree.leaves(offsets)]
+        distances = jnp.sqrt(sum(squares[1:], squares[0]))
         radius = _median(_ordered(distances[:, None], present), count)[0]
         scale = jnp.minimum(1, radius / jnp.maximum(distances, 1e-30))
-        center = center + _sum_rows(offsets * scale[:, None]) / jnp.maximum(count, 1)
+
+        def moved(c, o, scale=scale):
+            return c + _sum_rows(o * _along_workers(scale, o)) / jnp.maximum(count, 1)
+
+        center = jax.tree.map(moved, center, offsets)
     return center
 
 

@@ -17,6 +17,7 @@ steps the inner optimizer on the result. :func:`fsq.flying_squirrel` is a preset
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -99,6 +100,10 @@ def _check_updates(updates: optax.Updates, params: optax.Params | None) -> None:
                 f"is {jnp.result_type(x)}: leave integer parameters out of the optimizer "
                 "(e.g. with optax.masked or a separate state)"
             )
+
+
+def _shapes(tree: Any, leading: int = 0) -> list[tuple[int, ...]]:
+    return [tuple(jnp.shape(x))[leading:] for x in jax.tree.leaves(tree)]
 
 
 def _run(pieces, value, states, params, context):
@@ -235,9 +240,7 @@ def asynchronous(
         return FlyingSquirrelState(
             step=zero,
             worker_states=worker_states,
-            in_flight=line.init(
-                wire.width(params, num_channels) * segments(axes), dtype, span, segments(axes)
-            ),
+            in_flight=line.init(params, num_channels, dtype, span, segments(axes)),
             delivery_states=tuple(piece.init(params, layout) for piece in deliver),
             inner_state=inner.init(params),
             delivered=zero,
@@ -266,25 +269,28 @@ def asynchronous(
                 "(gradient_slots) with it"
             )
         axes = _axes.resolve(names, num_workers if worker_id is None else None)
-        width = wire.width(updates, num_channels) * segments(axes)
-        if width != state.in_flight.slots.shape[-1]:
+        in_flight = state.in_flight
+        if in_flight.filled.shape[1] != segments(axes) or not wire.matches(
+            updates, in_flight.slots, leading=2
+        ):
             raise ValueError(
                 "updates must have the shapes of the params given to init, in the same "
-                f"mapped context: they need {width} entries per in-flight row, the buffer "
-                f"holds {state.in_flight.slots.shape[-1]}"
+                f"mapped context: got {_shapes(updates)}, the in-flight buffer holds "
+                f"{_shapes(in_flight.slots.channels[0], leading=2)} for "
+                f"{in_flight.filled.shape[1]} worker(s) side by side"
             )
         _, link, span = resolved(updates)
         worker = _axes.worker_index(axes.names) if worker_id is None else worker_id
         context = Context(state.step, worker, num_workers, seed, span[1], link)
-        here = _line.DelayLine(link, line.exchange)
-        message = new_message(updates, here.delay(context), state.in_flight.slots.dtype)
+        here = dataclasses.replace(line, model=link)
+        message = new_message(updates, here.delay(context), in_flight.slots.totals.dtype)
         pieces = list(zip(send, state.worker_states, strict=True))
         states = [s if piece.shared else s.value for piece, s in pieces]
         message, states = _run(send, message, states, params, context)
         worker_states = tuple(
             s if piece.shared else PerWorker(s) for piece, s in zip(send, states, strict=True)
         )
-        due, in_flight = here.send(message, state.in_flight, state.step, axes, apart)
+        due, in_flight = here.send(message, in_flight, state.step, axes, apart)
         totals = _line.totals(due, num_workers, apart)
         delivered = jnp.round(totals.count).astype(jnp.int32)
 
@@ -294,7 +300,7 @@ def asynchronous(
         merged = deliver[:1] if apart else ()
         arrival = None
         if merged:
-            arrival = _line.arrival(due, updates, num_channels, totals, num_workers, apart)
+            arrival = _line.arrival(due, totals, apart)
             arrival, merged_states = _run(
                 merged, arrival, state.delivery_states[:1], params, context
             )
@@ -302,7 +308,7 @@ def asynchronous(
 
         def step_inner(arrival):
             if arrival is None:  # read the due row here, where it is used
-                arrival = _line.arrival(due, updates, num_channels, totals, num_workers, apart)
+                arrival = _line.arrival(due, totals, apart)
             arrival, states = _run(rest, arrival, rest_states, params, context)
             (mean,) = arrival.channels
             mean = jax.tree.map(lambda s, g: s.astype(g.dtype), mean, updates)

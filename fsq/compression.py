@@ -13,7 +13,7 @@ that it adds to its next gradient (Seide et al. 2014; Stich, Cordonnier and Jagg
 so nothing is lost, only delayed: :math:`\sum_t \hat g_i(t) + e_i = \sum_t g_i(t)`. The
 worker-side piece :func:`fsq.transforms.compress` applies an operator and owns the
 residual, each worker's own.
-Compressors act on the whole flattened gradient (global) or leaf by leaf:
+Compressors act on the gradient's tree, over all of it (global) or leaf by leaf:
 
 - :func:`top_k` — the :math:`k = \lceil \rho P \rceil` entries of largest magnitude
   (globally, or :math:`\lceil \rho P_\ell \rceil` per leaf). Wire: :math:`k` (index,
@@ -33,11 +33,18 @@ A worker whose message carries nothing (down, rejected or dropped by the stalene
 keeps its residual unchanged. Delay compensation's extra channels are computed from the
 compressed gradient, and sent compressed the same way.
 
+On a model sharded over several devices (:mod:`fsq.parallel`'s model axes) a compressor
+must run leaf by leaf, each leaf's entries where its shards are: :func:`top_k` with
+``per_leaf=True`` (its selection is exact: the leaf's largest entries, whatever the
+sharding), :func:`sign` and :func:`quantize` (their scales are reductions over the whole
+leaf); the global :func:`top_k` and :func:`random_k` choose among every entry of the
+gradient at once and raise a ``ValueError`` there.
+
 Example:
   >>> import jax, jax.numpy as jnp, fsq
   >>> top = fsq.compression.top_k(0.5, error_feedback=False)
-  >>> x = jnp.array([0.1, -3.0, 2.0, 0.5])
-  >>> print(top.compress(x, (4,), jax.random.key(0)))
+  >>> x = {"w": jnp.array([0.1, -3.0, 2.0, 0.5])}
+  >>> print(top.compress(x, jax.random.key(0))["w"])
   [ 0. -3.  2.  0.]
   >>> top.payload_bytes((4,))
   16
@@ -48,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +65,7 @@ from fsq import _checks
 
 __all__ = [
     "Compressor",
+    "keep",
     "Quantize",
     "RandomK",
     "Sign",
@@ -72,7 +81,7 @@ Sizes = Sequence[int]  # the sizes of the gradient's leaves, in flattening order
 
 @dataclasses.dataclass(frozen=True)
 class Compressor:
-    """Base class: a compression operator on the flattened gradient.
+    """Base class: a compression operator on the gradient's tree.
 
     Attributes:
       error_feedback: keep what is not sent in a per-worker residual, added to the next
@@ -85,9 +94,11 @@ class Compressor:
     sparse = False
     # Whether every worker draws the same random choices at a step (shared key).
     shared = False
+    # Whether it acts leaf by leaf, and so runs where each leaf's shards are.
+    per_leaf = True
 
-    def compress(self, x: jax.Array, sizes: Sizes, key: jax.Array) -> jax.Array:
-        """Returns :math:`\\mathcal{C}(x)`, dense, for the flat vector ``x`` of ``sizes``."""
+    def compress(self, x: Any, key: jax.Array) -> Any:
+        """Returns :math:`\\mathcal{C}(x)`, dense, a tree shaped like ``x``."""
         raise NotImplementedError
 
     def payload_bytes(self, sizes: Sizes, channels: int = 1) -> int:
@@ -95,19 +106,25 @@ class Compressor:
         raise NotImplementedError
 
 
-def _offsets(sizes: Sizes) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-
-
 def _count(density: float, size: int) -> int:
     return min(size, max(1, math.ceil(density * size)))
 
 
-def _per_leaf(fn, x: jax.Array, sizes: Sizes) -> jax.Array:
-    """Applies ``fn(i, segment)`` to each non-empty leaf's segment of ``x`` and concatenates."""
-    offsets = _offsets(sizes)
-    pieces = [fn(i, x[offsets[i] : offsets[i + 1]]) for i, n in enumerate(sizes) if n]
-    return jnp.concatenate(pieces) if pieces else x
+def _offsets(leaves: Sequence[jax.Array]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum([x.size for x in leaves])]).astype(int)
+
+
+def keep(x: Any, positions: jax.Array) -> Any:
+    """``x`` at the flat ``positions`` (``[k]``, over its leaves in order), zeros elsewhere."""
+    leaves, treedef = jax.tree.flatten(x)
+    kept = []
+    for leaf, offset in zip(leaves, _offsets(leaves), strict=False):
+        # Positions in other leaves are dropped (an index past this leaf's end).
+        local = positions - offset
+        local = jnp.where((local >= 0) & (local < leaf.size), local, leaf.size)
+        mask = jnp.zeros(leaf.size, bool).at[local].set(True, mode="drop")
+        kept.append(jnp.where(mask.reshape(leaf.shape), leaf, 0))
+    return treedef.unflatten(kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,29 +136,29 @@ class TopK(Compressor):
 
     sparse = True
 
-    def indices(self, x: jax.Array, sizes: Sizes, key: jax.Array) -> jax.Array:
-        """The positions kept, ``[k]`` (int32)."""
+    def indices(self, x: Any, key: jax.Array) -> jax.Array:
+        """The flat positions kept, over ``x``'s leaves in order, ``[k]`` (int32)."""
         del key
+        leaves = jax.tree.leaves(x)
         if not self.per_leaf:
-            return jax.lax.top_k(jnp.abs(x), _count(self.density, x.size))[1]
-        offsets = _offsets(sizes)
+            flat = jnp.concatenate([jnp.ravel(jnp.abs(leaf)) for leaf in leaves])
+            return jax.lax.top_k(flat, _count(self.density, flat.size))[1]
         return jnp.concatenate(
             [
-                jax.lax.top_k(jnp.abs(x[offsets[i] : offsets[i + 1]]), _count(self.density, n))[1]
-                + offsets[i]
-                for i, n in enumerate(sizes)
+                jax.lax.top_k(jnp.ravel(jnp.abs(leaf)), _count(self.density, leaf.size))[1] + offset
+                for leaf, offset in zip(leaves, _offsets(leaves), strict=False)
+                if leaf.size
             ],
             dtype=jnp.int32,
         )
 
-    def compress(self, x, sizes, key):
-        kept = self.indices(x, sizes, key)
-        return jnp.zeros_like(x).at[kept].set(x[kept])
+    def compress(self, x, key):
+        return keep(x, self.indices(x, key))
 
     def count(self, sizes: Sizes) -> int:
         """How many entries are kept, :math:`k`."""
         if self.per_leaf:
-            return sum(_count(self.density, n) for n in sizes)
+            return sum(_count(self.density, n) for n in sizes if n)
         return _count(self.density, sum(sizes))
 
     def payload_bytes(self, sizes, channels=1):
@@ -155,8 +172,9 @@ class RandomK(TopK):
 
     shared = True
 
-    def indices(self, x, sizes, key):
-        return jax.random.choice(key, x.size, (_count(self.density, x.size),), replace=False)
+    def indices(self, x, key):
+        size = sum(leaf.size for leaf in jax.tree.leaves(x))
+        return jax.random.choice(key, size, (_count(self.density, size),), replace=False)
 
     def count(self, sizes):
         return _count(self.density, sum(sizes))
@@ -169,9 +187,9 @@ class RandomK(TopK):
 class Sign(Compressor):
     """The scaled sign, per leaf: ``mean(|x|) * sign(x)``."""
 
-    def compress(self, x, sizes, key):
+    def compress(self, x, key):
         del key
-        return _per_leaf(lambda _, v: jnp.mean(jnp.abs(v)) * jnp.sign(v), x, sizes)
+        return jax.tree.map(lambda v: jnp.mean(jnp.abs(v)) * jnp.sign(v) if v.size else v, x)
 
     def payload_bytes(self, sizes, channels=1):
         return channels * sum(math.ceil(n / 8) + 4 for n in sizes)
@@ -183,18 +201,20 @@ class Quantize(Compressor):
 
     bits: int = 8
 
-    def compress(self, x, sizes, key):
+    def compress(self, x, key):
         levels = 2 ** (self.bits - 1) - 1
-        noise = jax.random.uniform(key, x.shape, x.dtype)
+        leaves, treedef = jax.tree.flatten(x)
+        offsets = _offsets(leaves)
+        # One draw over the gradient's entries in order, each leaf its own stretch of it.
+        noise = jax.random.uniform(key, (int(offsets[-1]),), jnp.result_type(*leaves))
 
-        def leaf(i, v):
-            scale = jnp.max(jnp.abs(v)) / levels
+        def leaf(v, offset):
+            scale = jnp.max(jnp.abs(v), initial=0) / levels
             safe = jnp.where(scale > 0, scale, 1)
-            offsets = _offsets(sizes)
-            u = noise[offsets[i] : offsets[i + 1]]
+            u = noise[offset : offset + v.size].reshape(v.shape)
             return jnp.where(scale > 0, safe * jnp.floor(v / safe + u), 0)
 
-        return _per_leaf(leaf, x, sizes)
+        return treedef.unflatten([leaf(v, o) for v, o in zip(leaves, offsets, strict=False)])
 
     def payload_bytes(self, sizes, channels=1):
         return channels * sum(math.ceil(n * self.bits / 8) + 4 for n in sizes)

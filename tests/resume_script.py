@@ -50,7 +50,8 @@ def main(mode, directory):
     for step in range(start, stop):
         state, _ = dp.step(state, batch(step))
     if mode == "first":
-        assert np.any(np.asarray(state.opt_state.in_flight.pending()) != 0), "nothing in flight"
+        pending = jax.tree.leaves(state.opt_state.in_flight.pending())
+        assert any(np.any(np.asarray(x) != 0) for x in pending), "nothing in flight"
         fsq.checkpoint.save(directory, stop, state)
     leaves = jax.tree.leaves(state)
     np.savez(f"{directory}/{mode}.npz", *[np.asarray(x) for x in leaves])

@@ -52,12 +52,11 @@ def run(look_ahead=None, **kwargs):
 def library_compressor(operator):
     """The operator as the library calls it (documented key: seed, step, worker), on
     float32, as the reference's compression."""
-    sizes = (DIM,)
 
     def apply(x, step, worker):
         who = 0 if operator.shared else worker
         key = _random.event_key(SEED, _random.Stream.COMPRESSION, step, who)
-        return np.asarray(operator.compress(jnp.asarray(x, jnp.float32), sizes, key), np.float64)
+        return np.asarray(operator.compress(jnp.asarray(x, jnp.float32), key), np.float64)
 
     return apply
 

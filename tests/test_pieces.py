@@ -144,7 +144,8 @@ def test_compress_keeps_the_rest_in_the_residual(feedback):
         if feedback and fate == Status.SENT:
             residual = x - sent
         if feedback:
-            np.testing.assert_allclose(state.residual, residual, rtol=1e-6, atol=1e-7)
+            own = np.concatenate([np.asarray(state.residual["a"]), state.residual["b"]])
+            np.testing.assert_allclose(own, residual, rtol=1e-6, atol=1e-7)
     if not feedback:
         assert isinstance(state, optax.EmptyState)
     assert piece.wire_bytes((3, 1), 1) == top.payload_bytes((3, 1), 1)
@@ -255,7 +256,7 @@ def test_robust_reduces_the_latest_votes_within_the_horizon():
         recent = step - voted <= 1
         want = np.median(latest[recent], axis=0) * weights.sum()
         np.testing.assert_allclose(out.channels[0]["w"], want, rtol=1e-6)
-        np.testing.assert_allclose(state.latest, latest, rtol=1e-6)
+        np.testing.assert_allclose(state.latest[0]["w"], latest, rtol=1e-6)
 
 
 @pytest.mark.parametrize("by", ["workers", "weight"])
@@ -277,44 +278,63 @@ def test_normalise(by):
 # --- The wire and the ring -----------------------------------------------------------------
 
 
-def test_wire_round_trip_with_a_zero_size_leaf():
+def test_wire_row_of_a_message_with_a_zero_size_leaf():
     tree = {"a": jnp.arange(6.0).reshape(2, 3), "empty": jnp.zeros((0, 4)), "c": jnp.ones(())}
     m = message(tree, delay=3, weight=0.5)
     m = m._replace(channels=(tree, jax.tree.map(lambda x: 2 * x, tree)))
-    row = jnp.concatenate(wire.parts(m, jnp.float32))
-    assert row.shape == (wire.width(tree, 2),) == (2 * 7 + 7,)
-    channels = wire.unpack(lambda start, size: row[start : start + size], tree, 2)
-    for got, want in zip(channels, (tree, jax.tree.map(lambda x: 2 * x, tree)), strict=True):
+    row = wire.parts(m, jnp.float32)
+    like = wire.like(tree, 2, jnp.bfloat16, jnp.float32)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), row.channels[1]) == jax.tree.map(
+        lambda x: (x.shape, jnp.dtype(jnp.float32)), tree
+    )
+    assert like.channels[0]["a"].dtype == jnp.bfloat16 and like.totals.shape == (7,)
+    assert wire.matches(tree, jax.tree.map(lambda x: x[None], row), leading=1)
+    assert not wire.matches({"a": tree["a"]}, row, leading=0)
+    for got, want in zip(row.channels, (tree, jax.tree.map(lambda x: 2 * x, tree)), strict=True):
         for g, x in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(g, 0.5 * np.asarray(x))
-    np.testing.assert_array_equal(row[-7:], [1, 3, 0, 0.5, 0, 0, 0])
-    dropped = jnp.concatenate(wire.parts(m._replace(status=jnp.int32(Status.DROPPED)), jnp.float32))
-    np.testing.assert_array_equal(dropped, [0] * 14 + [0, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(row.totals, [1, 3, 0, 0.5, 0, 0, 0])
+    assert wire.totals(row).weight == 0.5
+    dropped = wire.parts(m._replace(status=jnp.int32(Status.DROPPED)), jnp.float32)
+    assert all(not np.any(x) for x in jax.tree.leaves(dropped.channels))
+    np.testing.assert_array_equal(dropped.totals, [0, 0, 1, 0, 0, 0, 0])
     nan = {"a": jnp.full((2, 3), jnp.nan), "empty": jnp.zeros((0, 4)), "c": jnp.ones(())}
-    rejected = message(nan, status=Status.REJECTED)
-    np.testing.assert_array_equal(jnp.concatenate(wire.parts(rejected, jnp.float32))[:7], 0)
+    rejected = wire.parts(message(nan, status=Status.REJECTED), jnp.float32)
+    np.testing.assert_array_equal(rejected.channels[0]["a"], 0)  # zeros, not NaN
+
+
+def _leaves_of(messages, width):
+    """A message of two leaves, ``[L, 2]`` and ``[L, width - 2]``, as a row of one channel."""
+    channel = {"a": messages[:, :2], "b": messages[:, 2:]}
+    return wire.Row((channel,), jnp.ones((messages.shape[0], 7)))
 
 
 @pytest.mark.parametrize("num_local", [1, 3, 8])
 @pytest.mark.parametrize("apart", [False, True])
 @pytest.mark.parametrize("low", [0, 1])
-def test_ring_delivers_every_message_once_at_its_step(num_local, apart, low):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ring_delivers_every_message_once_at_its_step(num_local, apart, low, dtype):
     """The ring alone against a dict of due steps: L local workers write (one by one, or
     as a segment sum when L exceeds the ring's 4 rows), with rows left unmarked for whole
-    cycles; read early when no delay is 0 (``low`` 1)."""
+    cycles; read early when no delay is 0 (``low`` 1). Stored in bfloat16, each row is the
+    float32 sum rounded once."""
     max_delay, width, steps = 3 + low, 5, 30
     rng = np.random.default_rng(num_local + 10 * apart + 100 * low)
     segments = num_local if apart else 1
-    buffer = ring.init(max_delay, width * segments, jnp.float32, early=low > 0, segments=segments)
+    like = wire.like({"a": jnp.zeros(2), "b": jnp.zeros(width - 2)}, 1, dtype, jnp.float32)
+    buffer = ring.init(max_delay, like, early=low > 0, segments=segments)
 
     @jax.jit
     def step_fn(buffer, step, messages, delays):
-        pieces = [messages[:, :2], messages[:, 2:]]  # a message of two parts
-        write = ring.add_messages(pieces, delays, step, apart)
+        write = ring.add_messages(_leaves_of(messages, width), delays, step, apart)
         due, buffer = ring.advance(buffer, step, write)
-        return ring.read(due), buffer
+        row = ring.read(due)
+        channel = row.channels[0]
+        return jnp.concatenate([channel["a"], channel["b"]], axis=-1), row.totals, buffer
 
     due_at = collections.defaultdict(lambda: np.zeros((segments, width)))
+    magnitude = collections.defaultdict(lambda: np.zeros((segments, width)))
+    counts = collections.defaultdict(lambda: np.zeros(segments))
     for t in range(steps):
         messages = rng.normal(size=(num_local, width)).astype(np.float32)
         # Whole steps share a delay sometimes, so rows stay empty for a cycle.
@@ -323,9 +343,20 @@ def test_ring_delivers_every_message_once_at_its_step(num_local, apart, low):
         delays = np.broadcast_to(delays, (num_local,))
         for i in range(num_local):
             due_at[t + delays[i]][i if apart else 0] += messages[i]
-        row, buffer = step_fn(buffer, jnp.int32(t), jnp.asarray(messages), jnp.asarray(delays))
-        want = due_at.pop(t, np.zeros((segments, width))).ravel()
-        np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+            magnitude[t + delays[i]][i if apart else 0] += np.abs(messages[i])
+            counts[t + delays[i]][i if apart else 0] += 1
+        row, totals, buffer = step_fn(
+            buffer, jnp.int32(t), jnp.asarray(messages), jnp.asarray(delays)
+        )
+        want = due_at.pop(t, np.zeros((segments, width)))
+        count = counts.pop(t, np.zeros(segments))
+        assert row.dtype == dtype
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+        else:  # each of the row's writes rounds its running sum once: at most 2^-8 of it
+            bound = 2**-8 * count[:, None] * magnitude.pop(t, np.zeros((segments, width)))
+            assert np.all(np.abs(np.asarray(row, np.float64) - want) <= bound + 1e-30)
+        np.testing.assert_array_equal(totals, np.repeat(count[:, None], 7, 1))  # exact
 
 
 def test_ring_write_strategies_agree():
@@ -333,13 +364,15 @@ def test_ring_write_strategies_agree():
     rows = jnp.array([0, 2, 2, 1, 0, 2])
     messages = jnp.asarray(np.random.default_rng(4).normal(size=(6, 3)), jnp.float32)
     filled = jnp.array([[True], [False], [True], [False]])
-    slots = jnp.arange(12.0).reshape(4, 3)
-    summed = ring._segment_sum(slots, filled, rows, messages, apart=False)
-    want = np.where(np.asarray(filled), np.asarray(slots), 0)
+    slots = jnp.arange(12.0).reshape(4, 1, 3)
+    row = wire.Row((slots,), jnp.zeros((4, 1, 7)))
+    summed = ring._segment_sum(row, filled, rows, wire.Row((messages,), jnp.ones((6, 7))), False)
+    want = np.where(np.asarray(filled)[:, :, None], np.asarray(slots), 0)
     for i, r in enumerate(np.asarray(rows)):
-        want[r] += np.asarray(messages[i])
+        want[r, 0] += np.asarray(messages[i])
     want[3] = np.asarray(slots)[3]  # untouched and unmarked: left as it was (reads as 0)
-    np.testing.assert_allclose(summed, want, rtol=1e-6)
+    np.testing.assert_allclose(summed.channels[0], want, rtol=1e-6)
+    np.testing.assert_array_equal(summed.totals[:, 0, 0], [2, 1, 3, 0])
 
 
 # --- Placement and the mapping of workers --------------------------------------------------
@@ -354,8 +387,8 @@ def test_vmap_workers_batches_per_worker_state_only():
     placements = [fsq.placement.placement_of(s) for s in state.worker_states]
     assert placements == [fsq.placement.PER_WORKER] * len(state.worker_states)
     assert fsq.placement.placement_of(state.in_flight) == fsq.placement.PER_DEVICE
-    assert optax.tree.get(state, "residual").shape == (4, 3)  # [W, P]
-    assert state.in_flight.slots.shape[0] == 2  # one ring (read early), not one per worker
+    assert optax.tree.get(state, "residual")["w"].shape == (4, 3)  # [W, P]
+    assert state.in_flight.slots.channels[0]["w"].shape == (2, 1, 3)  # one ring (read early)
     updates, state = workers.update({"w": jnp.ones((4, 3))}, state, {"w": jnp.zeros(3)})
     assert updates["w"].shape == (3,)
 

@@ -296,7 +296,10 @@ def test_in_flight_memory_is_independent_of_the_number_of_workers():
             state = init({"w": jnp.zeros((10, 3)), "b": jnp.zeros(3)})
             # max_delay + 1 rows x (33 params x channels + 7 totals), float32, and a
             # one-byte mark per row
-            assert state.in_flight.pending().shape == (7, 33 * channels + 7)
+            pending = state.in_flight.pending()
+            assert len(pending.channels) == channels
+            assert pending.channels[0]["w"].shape == (7, 1, 10, 3)
+            assert pending.totals.shape == (7, 1, 7)
             in_flight_bytes = sum(x.nbytes for x in jax.tree.leaves(state.in_flight))
             assert in_flight_bytes == 7 * (33 * channels + 7) * 4 + 7
 
@@ -309,7 +312,8 @@ def test_bfloat16_params_get_bfloat16_updates():
         workers = fsq.parallel.vmap_workers(tx, num_workers=2)
         params = {"w": jnp.ones(3, dtype)}
         state = workers.init(params)
-        assert state.in_flight.pending().dtype == jnp.float32  # sums are kept in float32
+        pending = jax.tree.leaves(state.in_flight.pending())
+        assert {x.dtype for x in pending} == {jnp.dtype(jnp.float32)}  # sums: float32
         grads = {"w": jnp.asarray([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]], dtype)}
         for _ in range(3):
             u, state = workers.update(grads, state, params)
@@ -351,7 +355,8 @@ def test_non_finite_gradients_are_rejected_and_counted(extras):
         g = grads[t] if t < steps else np.zeros((W, 3), np.float32)
         updates, state = update(jnp.asarray(g), state, params)
         params = optax.apply_updates(params, updates)
-        assert np.all(np.isfinite(params)) and np.all(np.isfinite(state.in_flight.pending()))
+        pending = jax.tree.leaves(state.in_flight.pending())
+        assert np.all(np.isfinite(params)) and all(np.all(np.isfinite(x)) for x in pending)
         rejected.append(int(state.rejected))
     assert rejected == [0, 0, 0, 1, 0, 1, 0, 0]  # counted when they were due (t + 2)
     if extras is PLAIN:  # 1/W of everything that was finite, nothing else

@@ -10,6 +10,15 @@ device adding each part of a message into its ring row (one multiply-add); worke
 momentum as ``optax.ema``; delay compensation's overflow guard. On any other CPU, XLA's
 code for the host's vector units rounds the same programs differently (up to 3e-7 here).
 
+When messages in flight took each parameter's shape (so that they shard like the
+parameters) instead of one flat row, every run still matched the original recording, and
+four runs of each machine recording changed their last bits, re-recorded: distances over
+every coordinate summed leaf by leaf (median with mixing; centered clipping); the scaled
+sign's mean, a reduction over the shaped leaf; with delay 0, a device's workers summed by
+a product over each shaped leaf (optimized code); and a trimmed mean with delay
+compensation, from step 29 on, from XLA's fusions of the per-leaf arrays (reducing the
+votes flattened, as before, rounds the same: not the rule).
+
 Against the recording of a machine that rounds as this one does (same
 :func:`tests.trajectories.fingerprint`), every run must match bitwise: the numbers a
 refactor must not move. ``python -m tests.trajectories`` records one for a new machine.

@@ -10,9 +10,9 @@ residual :math:`e_i` (its own state, zero at first):
 and :math:`\hat g_i(t)` is sent. A message that carries nothing (its worker down, its
 gradient rejected or dropped by the staleness bound) leaves the residual unchanged.
 Without error feedback the residual is not kept and what :math:`\mathcal C` leaves out is
-lost. The operator acts on the flattened gradient; a sparse operator's kept positions
-travel with the message (:attr:`fsq.transforms.Message.support`), for the sparse
-exchange of the delay line.
+lost. The operator acts on the gradient's tree and the residual is shaped like it (and so
+sharded like the parameters); a sparse operator's kept positions travel with the message
+(:attr:`fsq.transforms.Message.support`), for the sparse exchange of the delay line.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
-from fsq import _random
-from fsq.compression import Compressor
+from fsq import _axes, _random
+from fsq.compression import Compressor, keep
 from fsq.transforms.message import SendTransformation, accumulation_dtype
 
 
 class ErrorFeedbackState(NamedTuple):
-    """``residual``: :math:`e_i`, the worker's flattened residual (accumulation dtype)."""
+    """``residual``: :math:`e_i`, the worker's residual, shaped like the gradient
+    (accumulation dtype)."""
 
-    residual: jax.Array
+    residual: optax.Updates
 
 
 def compress(compressor: Compressor) -> SendTransformation:
@@ -59,29 +59,46 @@ def compress(compressor: Compressor) -> SendTransformation:
         )
     feedback = compressor.error_feedback
 
+    def check_sharding():
+        if not compressor.per_leaf and _axes.model_axes():
+            raise ValueError(
+                f"compression={compressor!r} chooses among every entry of the gradient at "
+                f"once, which cannot run on a model sharded over {_axes.model_axes()}: "
+                "compress leaf by leaf (fsq.compression.top_k(density, per_leaf=True), "
+                "sign(), quantize())"
+            )
+
     def init(params):
+        check_sharding()
         if not feedback:
             return optax.EmptyState()
-        size = sum(x.size for x in jax.tree.leaves(params))
-        return ErrorFeedbackState(jnp.zeros(size, accumulation_dtype(params)))
+        dtype = accumulation_dtype(params)
+        return ErrorFeedbackState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params))
 
     def update(message, state, params, context):
         del params
-        flat, unravel = ravel_pytree(message.gradient)
-        x = flat.astype(state.residual.dtype) + state.residual if feedback else flat
-        sizes = [g.size for g in jax.tree.leaves(message.gradient)]
+        check_sharding()
+        gradient = message.gradient
+        if feedback:
+            x = jax.tree.map(lambda g, e: g.astype(e.dtype) + e, gradient, state.residual)
+        else:
+            x = gradient
         # A shared operator (random-k) makes the same choice on every worker.
         worker = 0 if compressor.shared else None
         key = context.key(_random.Stream.COMPRESSION, worker)
         kept = None
         if compressor.sparse:
-            kept = compressor.indices(x, sizes, key)
-            sent = jnp.zeros_like(x).at[kept].set(x[kept])
+            kept = compressor.indices(x, key)
+            sent = keep(x, kept)
         else:
-            sent = compressor.compress(x, sizes, key)
+            sent = compressor.compress(x, key)
         if feedback:
-            state = ErrorFeedbackState(jnp.where(message.sent, x - sent, state.residual))
-        message = message.with_gradient(unravel(sent.astype(flat.dtype)))
+            residual = jax.tree.map(
+                lambda x, s, e: jnp.where(message.sent, x - s, e), x, sent, state.residual
+            )
+            state = ErrorFeedbackState(residual)
+        sent = jax.tree.map(lambda s, g: s.astype(g.dtype), sent, gradient)
+        message = message.with_gradient(sent)
         return message._replace(support=kept, shared_support=compressor.shared), state
 
     return SendTransformation(init, update, wire_bytes=compressor.payload_bytes)

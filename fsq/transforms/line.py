@@ -9,7 +9,8 @@ over all workers. Two exchanges:
 
 - ``"dense"`` (default): messages travel as dense rows; the workers of a device share
   one ring of partial sums, and delivery is one all-reduce of the due row over the
-  device-spanning axes (none over one device: the row is then read in place). With
+  device-spanning axes (none over one device: the row is then read in place), in the
+  dtype the sums are formed in, whatever the dtype the ring stores them in. With
   compression this simulates the compressed numerics exactly while the state's
   ``bytes_sent`` counts the compressed wire. With a delay model that never gives delay 0
   the all-reduce reads only the buffer, not this step's messages, so XLA can overlap it
@@ -34,15 +35,15 @@ messages are summed apart and delivery all-gathers the :math:`W` workers' sums.
 Example:
   >>> import fsq
   >>> line = fsq.transforms.delay_line(fsq.delays.uniform(4))
-  >>> ring = line.init(width=10, dtype="float32", span=(0, line.model.max_delay))
-  >>> ring.slots.shape  # max_delay + 1 rows
-  (5, 10)
+  >>> import jax.numpy as jnp
+  >>> ring = line.init(jnp.zeros(10), 1, jnp.float32, span=(0, line.model.max_delay))
+  >>> ring.slots.channels[0].shape  # max_delay + 1 rows, one segment, the leaf's shape
+  (5, 1, 10)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,15 +59,19 @@ EXCHANGES = ("dense", "sparse", "ordered")
 
 @dataclasses.dataclass(frozen=True)
 class DelayLine:
-    """A delay line: the delay model and how messages are exchanged (see the module).
+    """A delay line: the delay model, how messages are exchanged, and how they are held.
 
     Attributes:
       model: the :mod:`fsq.delays` model.
       exchange: ``"dense"``, ``"sparse"`` or ``"ordered"``.
+      dtype: the dtype messages in flight are stored in (``None``: the dtype their sums
+        are formed in, at least float32; e.g. ``jnp.bfloat16`` halves the in-flight
+        buffer, each stored sum rounded once).
     """
 
     model: delays.DelayModel
     exchange: str = "dense"
+    dtype: jnp.dtype | None = None
 
     def delay(self, context: Context) -> jax.Array:
         """The delay of this worker's message at this step (int32 scalar)."""
@@ -74,12 +79,19 @@ class DelayLine:
         return jnp.asarray(self.model(key, context.step, context.worker), jnp.int32)
 
     def init(
-        self, width: int, dtype: jnp.dtype, span: tuple[int, int], segments: int = 1
+        self,
+        like: optax.Updates,
+        num_channels: int,
+        dtype: jnp.dtype,
+        span: tuple[int, int],
+        segments: int = 1,
     ) -> ring.InFlight:
-        """An empty buffer for rows of ``width`` entries (``segments`` workers' messages
-        side by side) and delays in ``span`` = ``(min, max)``."""
+        """An empty buffer for messages of ``num_channels`` channels shaped like ``like``
+        (``segments`` workers' messages side by side), their sums formed in ``dtype``, and
+        delays in ``span`` = ``(min, max)``."""
         low, high = span
-        return ring.init(high, width, dtype, early=low > 0, segments=segments)
+        row = wire.like(like, num_channels, self.dtype or dtype, dtype)
+        return ring.init(high, row, early=low > 0, segments=segments)
 
     def send(
         self,
@@ -91,23 +103,37 @@ class DelayLine:
     ) -> tuple[ring.Due, ring.InFlight]:
         """Sends this worker's message; returns what is due at ``step`` (over every
         worker; each worker's sums side by side when ``apart``) and the buffer."""
-        dtype = in_flight.slots.dtype
+        dtype = in_flight.slots.totals.dtype  # the dtype sums are formed in
         if self.exchange == "sparse":
             return _exchange_sparse(message, in_flight, step, axes, dtype)
         return _exchange_dense(message, in_flight, step, axes, dtype, apart)
 
 
-def delay_line(delay: int | delays.DelayModel = 0, *, exchange: str = "dense") -> DelayLine:
+def delay_line(
+    delay: int | delays.DelayModel = 0, *, exchange: str = "dense", dtype: jnp.dtype | None = None
+) -> DelayLine:
     """A delay line with ``delay`` (an int: constant; or a :mod:`fsq.delays` model).
 
     Args:
       delay: the delay model.
       exchange: ``"dense"``, ``"sparse"`` or ``"ordered"`` (see the module; sparse
         needs a sparse compressor on the worker side, and the mean aggregation).
+      dtype: the floating dtype messages in flight are stored in (``None``: that of their
+        sums, at least float32).
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    return DelayLine(delays.as_delay_model(delay), exchange)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"dtype must be a floating dtype (e.g. jnp.bfloat16), got {dtype}")
+    return DelayLine(delays.as_delay_model(delay), exchange, dtype)
+
+
+def _in(dtype: jnp.dtype, row: wire.Row) -> wire.Row:
+    """``row`` with its channels in ``dtype`` (sums leave a narrower buffer widened)."""
+    channels = tuple(jax.tree.map(lambda x: x.astype(dtype), c) for c in row.channels)
+    return row._replace(channels=channels)
 
 
 def _exchange_dense(message, in_flight, step, axes, dtype, apart):
@@ -116,24 +142,25 @@ def _exchange_dense(message, in_flight, step, axes, dtype, apart):
     spanned = tuple(a for a in axes.device if lax.axis_size(a) > 1)
 
     def gathered():
-        """The parts of the device's workers' messages, ``[num_local, n]`` each (free
-        under vmap: every worker of the device gets the whole batch)."""
-        return [_axes.stack(p, axes.local) for p in wire.parts(message, dtype)]
+        """The device's workers' messages, leaves ``[num_local, *shape]`` (free under vmap:
+        every worker of the device gets the whole batch)."""
+        return jax.tree.map(lambda p: _axes.stack(p, axes.local), wire.parts(message, dtype))
 
-    if in_flight.slots.shape[0]:
+    if in_flight.filled.shape[0]:
         delays = _axes.stack(message.delay, axes.local)
         write = ring.add_messages(gathered(), delays, step, apart)
         due, in_flight = ring.advance(in_flight, step, write)
     elif num_local == 1 and not spanned:  # no delays: the message just sent, as it is
-        due = ring.Due(lambda: tuple(gathered()), jnp.int32(0))
+        due = ring.Due(lambda: jax.tree.map(lambda x: x[None], gathered()), jnp.int32(0))
     elif apart:  # no delays: each worker's message is due now
-        due = ring.as_due(jnp.ravel(jnp.concatenate(gathered(), axis=1)))
-    else:  # no delays: the sum of the device's messages is due now, part by part
-        # A product with ones sums the rows in one pass; XLA's reduction over the leading
-        # axis was 50x slower on CPU.
-        due = ring.Due(tuple((jnp.ones(num_local, dtype) @ p)[None] for p in gathered()), 0)
+        due = ring.as_due(gathered())
+    else:  # no delays: the sum of the device's messages is due now, leaf by leaf
+        # A product with ones sums the workers in one pass; XLA's reduction over the
+        # leading axis was 50x slower on CPU.
+        ones = jnp.ones(num_local, dtype)
+        due = ring.as_due(jax.tree.map(lambda p: jnp.tensordot(ones, p, axes=1)[None], gathered()))
     if spanned:
-        row = ring.read(due)
+        row = _in(dtype, ring.read(due))
         row = lax.all_gather(row, spanned, tiled=True) if apart else lax.psum(row, spanned)
         due = ring.as_due(row)
     return due, in_flight
@@ -145,49 +172,51 @@ def _exchange_sparse(message, in_flight, step, axes, dtype):
             'exchange="sparse" needs a sparse compressor on the worker side '
             "(fsq.transforms.compress(fsq.compression.top_k(...)) or random_k)"
         )
-    row = jnp.concatenate(wire.parts(message, dtype))
-    num_channels = len(message.channels)
-    size = (row.size - wire.NUM_TOTALS) // num_channels
+    row = wire.parts(message, dtype)
     kept = message.support
-    positions = jnp.concatenate(
-        [kept + c * size for c in range(num_channels)]
-        + [jnp.arange(wire.NUM_TOTALS, dtype=kept.dtype) + num_channels * size]
-    )
-    values = row[positions]
-    # One all-gather: the delay and the positions travel bit-cast in the values' row. With
-    # positions shared by every worker (random-k with a shared key) only values travel.
+    values = [
+        jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(channel)])[kept]
+        for channel in row.channels
+    ]
+    # One all-gather: the totals, the delay and the positions travel bit-cast in the
+    # values' row. With positions shared by every worker (random-k with a shared key)
+    # only values travel.
     shared = message.shared_support
-    integer = jnp.dtype(f"int{8 * values.dtype.itemsize}")
-    pieces = [values, jnp.asarray(message.delay, integer)[None]]
+    integer = jnp.dtype(f"int{8 * dtype.itemsize}")
+    pieces = [*values, row.totals, jnp.asarray(message.delay, integer)[None]]
     if not shared:
-        pieces.append(positions.astype(integer))
-    gathered = _axes.stack(
-        jnp.concatenate([lax.bitcast_convert_type(p, values.dtype) for p in pieces]), axes.names
-    )
-    k = values.shape[0]
-    values, integers = gathered[:, :k], lax.bitcast_convert_type(gathered[:, k:], integer)
-    delays = integers[:, :1].astype(jnp.int32)
-    if not shared:
-        positions = integers[:, 1:].astype(jnp.int32)
-    positions = jnp.broadcast_to(positions, values.shape)
-    if not in_flight.slots.shape[0]:
-        return ring.as_due(jnp.zeros(row.size, dtype).at[positions].add(values)), in_flight
-    write = ring.scatter_messages(positions, values, delays, step)
+        pieces.append(kept.astype(integer))
+    floats = jnp.concatenate([lax.bitcast_convert_type(p, dtype) for p in pieces])
+    gathered = _axes.stack(floats, axes.names)
+    k, num_channels = kept.shape[0], len(values)
+    values = tuple(gathered[:, c * k : (c + 1) * k] for c in range(num_channels))
+    at = num_channels * k
+    totals = gathered[:, at : at + wire.NUM_TOTALS]
+    integers = lax.bitcast_convert_type(gathered[:, at + wire.NUM_TOTALS :], integer)
+    delays = integers[:, 0].astype(jnp.int32)
+    positions = kept[None] if shared else integers[:, 1:].astype(jnp.int32)
+    positions = jnp.broadcast_to(positions, values[0].shape)
+    if not in_flight.filled.shape[0]:  # no delays: everything sent is due now
+        empty = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype), in_flight.slots)
+        write = ring.scatter_messages(positions, values, totals, jnp.zeros_like(delays), 0)
+        return ring.Due(write(empty, jnp.zeros((1, 1), bool), 1)[0], jnp.int32(0)), in_flight
+    write = ring.scatter_messages(positions, values, totals, delays, step)
     return ring.advance(in_flight, step, write, lazy=False)
 
 
 def totals(due: ring.Due, num_workers: int, apart: bool) -> Totals:
     """The :class:`Totals` of what is due, over every worker (read where called)."""
+    rows = ring.read(due, lambda row: row.totals)  # [segments, 7]
     if not apart:
-        return Totals(*ring.read(due, -wire.NUM_TOTALS))
-    rows = ring.read(due).reshape(num_workers, -1)
-    return Totals(*sum_in_order(rows[:, -wire.NUM_TOTALS :]))
+        return Totals(*rows[0])
+    return Totals(*sum_in_order(rows.reshape(num_workers, wire.NUM_TOTALS)))
 
 
-def sum_in_order(x: jax.Array) -> jax.Array:
-    """``x[0] + x[1] + ...`` over the leading (worker) axis, added in that order whatever
-    the program around it, so that every layout rounds the same way."""
-    total, _ = lax.scan(lambda acc, row: (acc + row, None), jnp.zeros_like(x[0]), x)
+def sum_in_order(x):
+    """``x[0] + x[1] + ...`` over the leading (worker) axis of every leaf of ``x``, added in
+    that order whatever the program around it, so that every layout rounds the same way."""
+    zeros = jax.tree.map(lambda leaf: jnp.zeros_like(leaf[0]), x)
+    total, _ = lax.scan(lambda acc, row: (jax.tree.map(jnp.add, acc, row), None), zeros, x)
     return total
 
 
@@ -197,29 +226,17 @@ def merge_in_order() -> DeliverTransformation:
 
     def update(arrival, state, params, context):
         del params, context
-        row = sum_in_order(arrival.rows)
-        like = jax.tree.map(lambda x: x[0], arrival.channels[0])  # one worker's shapes
-        read = lambda start, size: row[start : start + size]  # noqa: E731
-        channels = wire.unpack(read, like, len(arrival.channels))
-        return arrival._replace(channels=channels, by_worker=None, rows=None), state
+        return arrival._replace(channels=sum_in_order(arrival.channels), by_worker=None), state
 
     return DeliverTransformation(lambda params, layout: optax.EmptyState(), update, True)
 
 
-def arrival(
-    due: ring.Due,
-    like: optax.Updates,
-    num_channels: int,
-    totals: Totals,
-    num_workers: int,
-    apart: bool,
-) -> Arrival:
+def arrival(due: ring.Due, totals: Totals, apart: bool) -> Arrival:
     """What is due as an :class:`Arrival`, read in the current scope (inside the inner
-    step's branch, so that XLA fuses the reads into their use)."""
-    here = ring.computed(due)
+    step's branch, so that XLA fuses the reads into their use), its channels in the dtype
+    sums are formed in."""
+    row = ring.read(ring.computed(due))
+    row = _in(row.totals.dtype, row)
     if apart:
-        rows = ring.read(here).reshape(num_workers, -1)
-        channels, by_worker = wire.unpack_rows(rows, like, num_channels)
-        return Arrival(channels, totals, by_worker, rows=rows[:, : -wire.NUM_TOTALS])
-    channels = wire.unpack(functools.partial(ring.read, here), like, num_channels)
-    return Arrival(channels, totals)
+        return Arrival(row.channels, totals, wire.totals(row))
+    return Arrival(tuple(jax.tree.map(lambda x: x[0], c) for c in row.channels), totals)

@@ -271,15 +271,12 @@ class Arrival(NamedTuple):
       by_worker: with the workers kept apart, the :class:`Totals` of each worker
         (``[W]`` leaves), else ``None``.
       step_scale: the factor the inner optimizer's update is scaled by (``None``: 1).
-      rows: with the workers kept apart, their channels flattened side by side (``[W,
-        C P]``, the layout ``channels`` are views of), else ``None``.
     """
 
     channels: tuple[optax.Updates, ...]
     totals: Totals
     by_worker: Totals | None = None
     step_scale: jax.Array | None = None
-    rows: jax.Array | None = None
 
 
 class DeliverTransformation(NamedTuple):

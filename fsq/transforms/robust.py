@@ -15,11 +15,10 @@ All channels (those of delay compensation too) are reduced together, coordinate-
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fsq.aggregation import Aggregation
 from fsq.transforms.message import DeliverTransformation, accumulation_dtype
@@ -31,34 +30,42 @@ class Votes(NamedTuple):
     """Every worker's latest vote, identical on all devices.
 
     Attributes:
-      latest: ``[W, n]``, worker ``i``'s latest vote (zeros before its first), its
-        channels flattened and concatenated.
+      latest: worker ``i``'s latest vote at ``i`` (zeros before its first): its channels,
+        trees shaped like the gradient with leaves ``[W, *shape]``.
       at: ``[W]`` (int32), the step it arrived (``-2**30`` before the first).
     """
 
-    latest: jax.Array
+    latest: tuple[Any, ...]
     at: jax.Array
 
 
 def aggregate(
     rule: Aggregation,
     votes: Votes,
-    sums: jax.Array,
+    sums: tuple[Any, ...],
     weights: jax.Array,
     step: jax.Array,
     horizon: int,
-) -> tuple[jax.Array, Votes]:
-    """The robust stand-in for ``sums.sum(0)``, and the votes remembered.
+) -> tuple[tuple[Any, ...], Votes]:
+    """The robust stand-in for the sum of ``sums`` over the workers, and the votes
+    remembered.
 
-    ``sums`` is ``[W, n]``, one row of weighted sums per worker delivered at ``step``,
-    ``weights`` ``[W]`` their total weights (0 for a worker with nothing delivered). A
-    delivery replaces the worker's vote with ``sums / weights``; ``rule`` reduces the
-    votes that arrived within the last ``horizon + 1`` steps, times the total weight.
+    ``sums`` holds one vote's worth of weighted sums per worker delivered at ``step``
+    (leaves ``[W, *shape]``), ``weights`` ``[W]`` their total weights (0 for a worker with
+    nothing delivered). A delivery replaces the worker's vote with ``sums / weights``;
+    ``rule`` reduces the votes that arrived within the last ``horizon + 1`` steps, times
+    the total weight.
     """
     fresh = weights > 0
-    latest = jnp.where(fresh[:, None], sums / jnp.where(fresh, weights, 1)[:, None], votes.latest)
-    votes = Votes(latest, jnp.where(fresh, step, votes.at))
-    return rule.reduce(latest, step - votes.at <= horizon) * jnp.sum(weights), votes
+    share = jnp.where(fresh, weights, 1)
+
+    def latest(total, old):
+        shape = (-1,) + (1,) * (total.ndim - 1)
+        return jnp.where(fresh.reshape(shape), total / share.reshape(shape), old)
+
+    votes = Votes(jax.tree.map(latest, sums, votes.latest), jnp.where(fresh, step, votes.at))
+    reduced = rule.reduce(votes.latest, step - votes.at <= horizon)
+    return jax.tree.map(lambda x: x * jnp.sum(weights), reduced), votes
 
 
 def robust(rule: Aggregation) -> DeliverTransformation:
@@ -81,32 +88,24 @@ def robust(rule: Aggregation) -> DeliverTransformation:
         raise TypeError(f"rule must be a fsq.aggregation rule, got {type(rule).__name__}")
 
     def init(params, layout):
-        size = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-        width = layout.num_channels * size
         dtype = accumulation_dtype(params)
+        channel = jax.tree.map(
+            lambda p: jnp.zeros((layout.num_workers, *jnp.shape(p)), dtype), params
+        )
         return Votes(
-            jnp.zeros((layout.num_workers, width), dtype),
-            jnp.full((layout.num_workers,), NEVER, jnp.int32),
+            (channel,) * layout.num_channels, jnp.full((layout.num_workers,), NEVER, jnp.int32)
         )
 
     def update(arrival, state, params, context):
         del params
-        sums = arrival.rows
-        if sums is None:  # channels of its own making: flatten them
-            leaves = [x for channel in arrival.channels for x in jax.tree.leaves(channel)]
-            sums = jnp.concatenate([x.reshape(context.num_workers, -1) for x in leaves], axis=1)
         reduced, state = aggregate(
-            rule, state, sums, arrival.by_worker.weight, context.step, context.max_delay
+            rule,
+            state,
+            tuple(arrival.channels),
+            arrival.by_worker.weight,
+            context.step,
+            context.max_delay,
         )
-        channels, offset = [], 0
-        for channel in arrival.channels:
-            parts, treedef = jax.tree.flatten(channel)
-            rebuilt = []
-            for x in parts:
-                size = x[0].size
-                rebuilt.append(reduced[offset : offset + size].reshape(x.shape[1:]))
-                offset += size
-            channels.append(jax.tree.unflatten(treedef, rebuilt))
-        return arrival._replace(channels=tuple(channels), by_worker=None, rows=None), state
+        return arrival._replace(channels=reduced, by_worker=None), state
 
     return DeliverTransformation(init, update, workers_apart=True)

@@ -1,28 +1,33 @@
-"""The wire format of a message: its channels and totals packed into one flat row.
+"""The wire format of a message: its channels, shaped like the gradient, and its totals.
 
 A worker's message (its channels, each a tree shaped like the gradient, scaled by the
 message's weight) and its :class:`~fsq.transforms.message.Totals` (a delivery count and
-other bookkeeping) travel as a single flat vector. Sums of messages are messages, so one
-row of the in-flight buffer holds the sum of everything due at one step, and one
-all-reduce of one row delivers it: a single collective per step, however many leaves the
-model has.
+other bookkeeping) travel together as a :class:`Row`. Sums of messages are messages, so
+one row of the in-flight buffer holds the sum of everything due at one step, and one
+all-reduce of one row delivers it: a single collective per step (XLA merges the
+all-reduces of a row's leaves into one), however many leaves the model has.
+
+Every leaf keeps its parameter's shape, so a row is laid out, and sharded, like the
+parameters: nothing is ever flattened into one vector, which would gather a sharded model
+onto every device (:mod:`fsq.parallel`).
 
 Example:
   >>> import jax.numpy as jnp, fsq
   >>> from fsq.transforms import wire
   >>> m = fsq.transforms.new_message({"w": jnp.array([1.0, 2.0])}, 3, jnp.float32)
-  >>> row = jnp.concatenate(wire.parts(m._replace(weight=jnp.float32(0.5)), jnp.float32))
-  >>> print(row)  # 0.5 g; count, staleness, bounded, weight, rejected, lost, discarded
-  [0.5 1.  1.  3.  0.  0.5 0.  0.  0. ]
+  >>> row = wire.parts(m._replace(weight=jnp.float32(0.5)), jnp.float32)
+  >>> print(row.channels[0]["w"])  # 0.5 g
+  [0.5 1. ]
+  >>> print(row.totals)  # count, staleness, bounded, weight, rejected, lost, discarded
+  [1.  3.  0.  0.5 0.  0.  0. ]
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fsq.transforms.message import Message, Totals, totals_of
@@ -30,55 +35,53 @@ from fsq.transforms.message import Message, Totals, totals_of
 NUM_TOTALS = len(Totals._fields)
 
 
-def width(like: optax.Updates, num_channels: int) -> int:
-    """Length of a message's row: ``num_channels`` trees shaped like ``like`` and its totals."""
-    return num_channels * sum(int(np.size(x)) for x in jax.tree.leaves(like)) + NUM_TOTALS
+class Row(NamedTuple):
+    """A message, or a sum of messages, as it travels and as the in-flight buffer holds it.
+
+    Attributes:
+      channels: trees shaped like the gradient, one per channel; every leaf may have
+        leading axes (the buffer's rows, the workers kept apart), the same for all.
+      totals: the :class:`~fsq.transforms.message.Totals`, stacked on a last axis of 7.
+    """
+
+    channels: tuple[optax.Updates, ...]
+    totals: jax.Array
 
 
-def parts(message: Message, dtype: jnp.dtype) -> list[jax.Array]:
-    """The pieces of a message's row, in order: the leaves of its channels, flat and scaled
-    by its weight, then its totals. Their concatenation is the row; kept apart, each can be
-    added into a row of the in-flight buffer where it is computed, without first building
-    the message (a pass over the message less).
+def parts(message: Message, dtype: jnp.dtype) -> Row:
+    """The message as it travels, in ``dtype``: its channels scaled by its weight, and its
+    totals. Each leaf can be added into a row of the in-flight buffer where it is
+    computed, without first building the whole message (a pass over the message less).
 
     A message that is not sent travels as zeros: a select, not a multiply (``0 * NaN`` is
-    NaN), fused into whatever consumes the piece.
+    NaN), fused into whatever consumes the leaf.
     """
     weight = message.weight.astype(dtype)
-    pieces = [
-        jnp.where(message.sent, weight * jnp.ravel(x).astype(dtype), 0)
+    channels = tuple(
+        jax.tree.map(lambda x: jnp.where(message.sent, weight * x.astype(dtype), 0), tree)
         for tree in message.channels
-        for x in jax.tree.leaves(tree)
-    ]
-    pieces.append(jnp.stack(totals_of(message, dtype)))
-    return pieces
+    )
+    return Row(channels, jnp.stack(totals_of(message, dtype)))
 
 
-def unpack(
-    read: Callable[[int, int], jax.Array], like: optax.Updates, num_channels: int
-) -> tuple[optax.Updates, ...]:
-    """Inverse of concatenating :func:`parts`: ``num_channels`` trees shaped like ``like``,
-    from ``read(start, size)``, the row's entries ``start .. start + size`` (with any
-    leading axes: ``read`` may return ``[..., size]``, which every leaf then has too).
-
-    The trees keep the row's dtype, so sums can be rescaled before any rounding.
-    """
-    leaves, treedef = jax.tree.flatten(like)
-    channels, offset = [], 0
-    for _ in range(num_channels):
-        pieces = []
-        for x in leaves:
-            entries = read(offset, x.size)
-            pieces.append(entries.reshape(entries.shape[:-1] + x.shape))
-            offset += x.size
-        channels.append(jax.tree.unflatten(treedef, pieces))
-    return tuple(channels)
+def like(updates: optax.Updates, num_channels: int, dtype: jnp.dtype, totals_dtype: jnp.dtype):
+    """The shapes of a row of ``num_channels`` channels shaped like ``updates``, held in
+    ``dtype`` (``jax.ShapeDtypeStruct`` leaves; the totals in ``totals_dtype``)."""
+    channel = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), dtype), updates)
+    return Row((channel,) * num_channels, jax.ShapeDtypeStruct((NUM_TOTALS,), totals_dtype))
 
 
-def unpack_rows(
-    rows: jax.Array, like: optax.Updates, num_channels: int
-) -> tuple[tuple[optax.Updates, ...], Totals]:
-    """:func:`unpack` of ``[n, width]`` rows (one per worker): trees whose leaves have a
-    leading axis of ``n``, and the rows' :class:`Totals` (``[n]`` each)."""
-    channels = unpack(lambda start, size: rows[:, start : start + size], like, num_channels)
-    return channels, Totals(*rows[:, -NUM_TOTALS:].T)
+def totals(row: Row) -> Totals:
+    """The :class:`Totals` of a row (each ``row.totals[..., k]``)."""
+    return Totals(*jnp.moveaxis(row.totals, -1, 0))
+
+
+def matches(updates: optax.Updates, row: Row, leading: int) -> bool:
+    """Whether ``row``'s channels (leaves with ``leading`` leading axes) are shaped like
+    ``updates``."""
+    want = [jnp.shape(x) for x in jax.tree.leaves(updates)]
+    if jax.tree.structure(row.channels[0]) != jax.tree.structure(updates):
+        return False
+    return all(
+        [x.shape[leading:] for x in jax.tree.leaves(channel)] == want for channel in row.channels
+    )
