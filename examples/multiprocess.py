@@ -4,7 +4,10 @@
 4 CPU devices each on localhost, joined by ``jax.distributed``; they train one model with
 8 workers, each process feeding only its own workers' data, and process 0 prints (and
 with ``--out``, saves) the final parameters. ``--processes 1 --local-devices 8`` runs the
-same job in one process: the parameters agree.
+same job in one process: the parameters agree. With ``--model-shards 2`` each worker
+group is 2 devices, its model sharded over them (a mesh axis ``"fsdp"``); with
+``--exchange ordered`` the workers' messages are added in worker order, and the processes
+deliver bit for bit what one process delivers.
 
 On a TPU pod, run the training part once per host with ``jax.distributed.initialize()``
 and no arguments (the TPU runtime supplies the coordinator); nothing else changes:
@@ -41,6 +44,7 @@ def train(args: argparse.Namespace) -> None:
         )
     import jax.numpy as jnp
     import numpy as np
+    from jax.experimental import multihost_utils
 
     import fsq
 
@@ -55,9 +59,12 @@ def train(args: argparse.Namespace) -> None:
         num_workers=workers,
         delay=fsq.delays.uniform(3),
         axis_name=fsq.parallel.AXIS_NAME,
+        exchange=args.exchange,
         seed=args.seed,
     )
-    dp = fsq.parallel.data_parallel(loss, tx, num_workers=workers)  # the global mesh
+    shards = {"fsdp": args.model_shards} if args.model_shards > 1 else None
+    mesh = fsq.parallel.make_mesh(model_axes=shards)  # the global mesh
+    dp = fsq.parallel.data_parallel(loss, tx, num_workers=workers, mesh=mesh)
     rng = np.random.default_rng(args.seed)
     state = dp.init({"w1": rng.normal(size=(6, 16)) / 3, "w2": rng.normal(size=16) / 4})
     target = rng.normal(size=6)
@@ -67,7 +74,8 @@ def train(args: argparse.Namespace) -> None:
         x = np.random.default_rng([args.seed, step]).normal(size=(workers, 32, 6))
         batch = {"x": x[rows], "y": np.sin(x @ target)[rows]}
         state, losses = dp.step(state, dp.put_batch(batch))
-    params = jax.tree.map(lambda p: np.asarray(p.addressable_data(0)), state.params)
+    # Every process gathers the parameters whole (sharded, each holds only its shards).
+    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params, tiled=True))
     if jax.process_index() == 0:
         print(f"processes {args.processes} x devices {args.local_devices}: final loss ", end="")
         print(f"{float(np.asarray(losses.addressable_data(0)).mean()):.6f}")
@@ -101,6 +109,8 @@ def main() -> None:
     parser.add_argument("--local-devices", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-shards", type=int, default=1, help="devices per worker group")
+    parser.add_argument("--exchange", default="dense", choices=["dense", "ordered"])
     parser.add_argument("--out", help="where process 0 saves the final parameters (.npz)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds, per process")
     parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)

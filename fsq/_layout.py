@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -17,25 +18,54 @@ from jax.sharding import PartitionSpec as P
 
 from fsq import _checks
 from fsq._local import by_placement
+from fsq._sharding import DEVICE_AXIS, check_mesh, model_axes
 from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
 
-DEVICE_AXIS = "devices"
 
+def make_mesh(
+    num_devices: int | None = None, *, model_axes: Mapping[str, int] | None = None
+) -> jax.sharding.Mesh:
+    """A mesh over the first ``num_devices`` global devices (all by default): the worker
+    axis :data:`DEVICE_AXIS`, then the model axes, if any.
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first ``num_devices`` global devices (all by default).
-
-    After ``jax.distributed.initialize`` the global devices span every process, so the
-    same call builds the mesh of a multi-host job (e.g. a TPU pod).
+    Without ``model_axes`` every device holds a whole copy of the model (a 1-D mesh).
+    With them a worker group is a slice of ``prod(model_axes.values())`` devices, its
+    model sharded over those axes, and the worker axis has ``num_devices / prod(...)``
+    groups. After ``jax.distributed.initialize`` the global devices span every process
+    (the first process's first), so the same call builds the mesh of a multi-host job,
+    each group within one process when the processes' device counts are multiples of a
+    group's.
 
     Args:
       num_devices: how many devices, in ``[1, jax.device_count()]``; ``None`` for all.
+      model_axes: ``{name: size}`` of the model axes, in order (e.g. ``{"fsdp": 4}``);
+        their product must divide ``num_devices``.
+
+    Example:
+      >>> import fsq
+      >>> mesh = fsq.parallel.make_mesh(8, model_axes={"fsdp": 2, "tensor": 2})
+      >>> dict(mesh.shape)
+      {'devices': 2, 'fsdp': 2, 'tensor': 2}
     """
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     n = _checks.integer("num_devices", n, low=1, high=len(devices))
+    model = dict(model_axes or {})
+    for name, size in model.items():
+        if not isinstance(name, str) or name == DEVICE_AXIS:
+            raise ValueError(
+                f"model_axes names must be strings other than {DEVICE_AXIS!r}, got {name!r}"
+            )
+        _checks.integer(f"model_axes[{name!r}]", size, low=1)
+    shards = math.prod(model.values())
+    if n % shards:
+        raise ValueError(
+            f"model_axes {model} make groups of {shards} devices, which must divide num_devices={n}"
+        )
+    shape = (n // shards, *model.values())
+    names = (DEVICE_AXIS, *model)
     return jax.make_mesh(
-        (n,), (DEVICE_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
+        shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices[:n]
     )
 
 
@@ -64,15 +94,19 @@ def per_device(fn: Callable[..., Any], *, mesh: jax.sharding.Mesh) -> Callable[.
       ...     jnp.zeros(3)).tolist()
       [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     """
-    if mesh.axis_names != (DEVICE_AXIS,):
-        raise ValueError(f"mesh must have the single axis {DEVICE_AXIS!r} (use make_mesh)")
+    check_mesh(mesh)
 
     def stacked(*args):
         return jax.tree.map(lambda x: x[None], fn(*args))
 
-    return jax.shard_map(
-        stacked, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), check_vma=False
-    )
+    return jax.shard_map(stacked, mesh=mesh, in_specs=P(), out_specs=P(DEVICE_AXIS), **manual(mesh))
+
+
+def manual(mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """The keywords of a ``shard_map`` over ``mesh``'s worker axis: manual over it only, the
+    model axes left to XLA (GSPMD), which shards each worker's model as its user does."""
+    names = {"axis_names": frozenset({DEVICE_AXIS})} if model_axes(mesh) else {}
+    return {"check_vma": False, **names}
 
 
 def device_map(device_step: Callable, backend: str, mesh: jax.sharding.Mesh) -> Callable:
@@ -86,7 +120,7 @@ def device_map(device_step: Callable, backend: str, mesh: jax.sharding.Mesh) -> 
             spread = P(DEVICE_AXIS)
             specs = (P(), by_placement(opt_state, spread, spread, P()), P(DEVICE_AXIS))
             return jax.shard_map(
-                device_step, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=False
+                device_step, mesh=mesh, in_specs=specs, out_specs=specs, **manual(mesh)
             )(carried, opt_state, batch)
         # pmap splits every device's block off; the vmap of one device keeps what all its
         # workers share unbatched (a batched in-flight buffer would turn the inner step's
@@ -138,12 +172,13 @@ def batch_placer(
 ) -> tuple[tuple[int, ...], Callable[[Any], Any]]:
     """This process's workers, and the function that builds the global batch from their
     share (see :attr:`DataParallel.put_batch`)."""
-    workers_per_device = num_workers // mesh.devices.size
+    groups = mesh.devices.reshape(mesh.shape[DEVICE_AXIS], -1)
+    workers_per_group = num_workers // len(groups)
     local_workers = tuple(
-        device * workers_per_device + i
-        for device, d in enumerate(mesh.devices.flat)
-        if d.process_index == jax.process_index()
-        for i in range(workers_per_device)
+        group * workers_per_group + i
+        for group, devices in enumerate(groups)
+        if any(d.process_index == jax.process_index() for d in devices)
+        for i in range(workers_per_group)
     )
     row_of = {worker: row for row, worker in enumerate(local_workers)}
     sharding = NamedSharding(mesh, P(DEVICE_AXIS))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fsq import _checks
+from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
 from fsq.transforms.clock import Schedule, starting
 
@@ -256,7 +257,8 @@ def workers_step(
 
     def every(rows, batch):
         where, axis = at(rows)
-        return jax.vmap(value_and_grad, in_axes=(axis, 0))(where, batch)
+        out, grads = jax.vmap(value_and_grad, in_axes=(axis, 0))(where, batch)
+        return out, constrain(grads, leading=1)
 
     if num_local == 1:
         # A vmap of size 1 would turn the weight gradients into batched matmuls, twice as
@@ -264,7 +266,7 @@ def workers_step(
         def one():
             where = params if own is None else jax.tree.map(lambda x: x[0], own)
             out, grads = value_and_grad(where, jax.tree.map(lambda x: x[0], batch))
-            return jax.tree.map(lambda x: x[None], (out, grads))
+            return jax.tree.map(lambda x: x[None], (out, constrain(grads)))
 
         def idle():
             out, grads = jax.eval_shape(one)

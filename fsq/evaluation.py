@@ -20,7 +20,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fsq._layout import DEVICE_AXIS, make_mesh
+from fsq._layout import make_mesh
+from fsq._sharding import DEVICE_AXIS, check_mesh, model_axes
 
 MetricFn = Callable[[Any, Any], dict[str, jax.Array]]
 
@@ -28,14 +29,16 @@ MetricFn = Callable[[Any, Any], dict[str, jax.Array]]
 def evaluator(
     metric_fn: MetricFn, *, mesh: jax.sharding.Mesh | None = None
 ) -> Callable[[Any, Any], dict[str, jax.Array]]:
-    """The jitted evaluation of ``metric_fn`` over ``mesh``, on replicated parameters.
+    """The jitted evaluation of ``metric_fn`` over ``mesh``.
 
     Args:
       metric_fn: ``(params, batch) -> {name: [n] per-example values}`` (for example the
         cross-entropy and the correctness of each example); ``params`` is whatever the
         evaluation is given (parameters, or parameters and model state).
       mesh: a mesh from :func:`fsq.parallel.make_mesh` (default: all devices), such as a
-        :class:`fsq.parallel.DataParallel`'s ``mesh``.
+        :class:`fsq.parallel.DataParallel`'s ``mesh``. The examples are split over its
+        worker axis; with model axes, the parameters are used as they are sharded (the
+        state of a :class:`fsq.parallel.DataParallel`), else replicated.
 
     Returns:
       ``evaluate(params, batch) -> {name: mean over the examples}``. ``batch`` is a
@@ -52,11 +55,11 @@ def evaluator(
       >>> print(evaluate(jnp.ones(2), batch)["error"])  # the mean of |2 - y| over the 5 examples
       1.2
     """
-    mesh = make_mesh() if mesh is None else mesh
-    if mesh.axis_names != (DEVICE_AXIS,):
-        raise ValueError(f"mesh must have the single axis {DEVICE_AXIS!r} (use make_mesh)")
-    num_devices = mesh.devices.size
+    mesh = make_mesh() if mesh is None else check_mesh(mesh)
+    num_devices = mesh.shape[DEVICE_AXIS]
     split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
+    # With model axes the parameters keep their own sharding (None: the argument's).
+    on_params = None if model_axes(mesh) else whole
 
     def sums(params, batch, real):
         values = metric_fn(params, batch)
@@ -74,7 +77,7 @@ def evaluator(
         total = {name: jnp.sum(jnp.where(real, v, 0)) for name, v in values.items()}
         return total, jnp.sum(real)
 
-    run = jax.jit(sums, in_shardings=(whole, split, split), out_shardings=whole)
+    run = jax.jit(sums, in_shardings=(on_params, split, split), out_shardings=whole)
 
     def evaluate(params: Any, batch: Any) -> dict[str, jax.Array]:
         leaves = [np.asarray(x) for x in jax.tree.leaves(batch)]

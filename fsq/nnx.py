@@ -74,7 +74,12 @@ class DataParallel:
         for one worker's shard; ``model`` is that worker's copy, in training mode.
       num_workers: ``W``, a multiple of the number of devices.
       backend: ``"vmap"`` (one device), ``"shard_map"`` or ``"pmap"``.
-      mesh: the mesh (default: all devices), see :func:`fsq.parallel.data_parallel`.
+      mesh: the mesh (default: all devices), see :func:`fsq.parallel.data_parallel`; with
+        model axes each worker's copy of the model is sharded over them.
+      param_specs: how the parameters are sharded over the mesh's model axes (see
+        :func:`fsq.parallel.data_parallel`); ``None``: as the model's variables are (a
+        model built under ``jax.set_mesh(mesh)`` with ``nnx.with_partitioning``
+        metadata), else :func:`fsq.parallel.fsdp`'s rule.
       wrt: the filter of the variables that are trained (default ``nnx.Param``).
       has_aux: ``loss_fn`` returns ``(loss, aux)``; :meth:`step` returns the workers'
         aux stacked ``[W, ...]``.
@@ -96,6 +101,7 @@ class DataParallel:
         num_workers: int,
         backend: str = "shard_map",
         mesh: jax.sharding.Mesh | None = None,
+        param_specs: Any = None,
         wrt: Any = nnx.Param,
         has_aux: bool = False,
         seed: int = 0,
@@ -132,6 +138,7 @@ class DataParallel:
             num_workers=num_workers,
             backend=backend,
             mesh=mesh,
+            param_specs=param_specs,
             gradient_slots=gradient_slots,
             has_aux=has_aux,
             seed=seed,

@@ -51,7 +51,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fsq import _checks
+from fsq import _checks, _sharding
 from fsq._layout import (
     DEVICE_AXIS,
     batch_placer,
@@ -61,6 +61,7 @@ from fsq._layout import (
     worker_ids,
 )
 from fsq._local import WORKER_AXIS, map_placed, starting_workers, vmap_workers, workers_step
+from fsq._sharding import check_mesh, fsdp, model_axes, placed_specs
 from fsq.evaluation import evaluator
 
 AXIS_NAME = (DEVICE_AXIS, WORKER_AXIS)
@@ -128,6 +129,7 @@ def data_parallel(
     num_workers: int,
     backend: str = "shard_map",
     mesh: jax.sharding.Mesh | None = None,
+    param_specs: Any = None,
     gradient_slots: int | None = None,
     has_aux: bool = False,
     seed: int | None = None,
@@ -160,7 +162,13 @@ def data_parallel(
       num_workers: ``W``, a multiple of the number of devices.
       backend: ``"vmap"`` (one device), ``"shard_map"`` or ``"pmap"``.
       mesh: for ``shard_map`` / ``pmap``, a mesh from :func:`make_mesh` (default: all
-        devices); ignored by ``vmap``.
+        devices); ignored by ``vmap``. With model axes (``shard_map`` only) a worker group
+        is a slice of the mesh, its model sharded over those axes by ``param_specs``.
+      param_specs: with model axes, how each parameter leaf is sharded over them: a tree of
+        ``PartitionSpec`` shaped like the parameters, or a rule ``params -> specs`` (e.g.
+        :func:`fsdp`); ``None``: each leaf's own ``NamedSharding``, if it has one on this
+        mesh's axes, else :func:`fsdp`'s. Every per-parameter buffer of the optimizer
+        state is sharded like its parameter.
       gradient_slots: with a clock in ``tx`` (:func:`fsq.transforms.clock`), how many
         gradients per device and step to compute at most, for the workers that start a
         job (more are computed when more start, a synchronous round for one); ``None``:
@@ -185,13 +193,17 @@ def data_parallel(
         mesh = make_mesh(1)
     elif mesh is None:
         mesh = make_mesh()
-    elif mesh.axis_names != (DEVICE_AXIS,):
-        raise ValueError(f"mesh must have the single axis {DEVICE_AXIS!r} (use make_mesh)")
-    num_devices = mesh.devices.size
+    sharded = bool(model_axes(check_mesh(mesh)))
+    if sharded and backend != "shard_map":
+        raise ValueError(
+            f"a mesh with model axes {model_axes(mesh)} needs backend='shard_map', got "
+            f"backend={backend!r}"
+        )
+    num_devices = mesh.shape[DEVICE_AXIS]  # worker groups: devices of a 1-D mesh
     if num_workers % num_devices:
         raise ValueError(
-            f"num_workers={num_workers} must be a multiple of the number of devices "
-            f"({num_devices}); fsq never pads workers silently"
+            f"num_workers={num_workers} must be a multiple of the number of worker groups "
+            f"({num_devices} on mesh axis {DEVICE_AXIS!r}); fsq never pads workers silently"
         )
     workers_per_device = num_workers // num_devices
 
@@ -241,9 +253,11 @@ def data_parallel(
                     f"got shape {x.shape}"
                 )
         carried = (state.params, state.model_state, state.step)
-        (params, model_state), opt_state, out = map_devices(carried, state.opt_state, batch)
+        with _sharding.parameters(specs_of(state.params) if sharded else None):
+            (params, model_state), opt_state, out = map_devices(carried, state.opt_state, batch)
         # The state keeps the shardings ``init`` gave it, so the step compiles once.
-        opt_state = jax.lax.with_sharding_constraint(opt_state, shardings(opt_state))
+        opt_state = jax.lax.with_sharding_constraint(opt_state, shardings(opt_state, params))
+        params = jax.lax.with_sharding_constraint(params, param_shardings(params))
         return TrainState(params, opt_state, model_state, state.step + 1), out
 
     def init_blocks(params):
@@ -258,6 +272,8 @@ def data_parallel(
         )(jnp.arange(num_devices), params)
 
     def init_state(params, model_state):
+        # The parameters as the model is sharded, before the transform sees them.
+        params = jax.lax.with_sharding_constraint(params, param_shardings(params))
         # Per-device and per-worker parts keep every device's block (concatenated on axis
         # 0); the rest is identical on all devices, so device 0's copy is kept.
         opt_state = map_placed(
@@ -267,19 +283,34 @@ def data_parallel(
         params, model_state = jax.tree.map(jnp.copy, (params, model_state))
         return TrainState(params, opt_state, model_state, jnp.int32(0))
 
-    split, whole = NamedSharding(mesh, P(DEVICE_AXIS)), NamedSharding(mesh, P())
+    whole = NamedSharding(mesh, P())
+    resolved = {}  # the parameters' specs, resolved by init
 
-    def shardings(opt_state):
+    def specs_of(params):
+        if not sharded:
+            return jax.tree.map(lambda _: P(), params)
+        if "params" not in resolved:  # a state made elsewhere: the rule, on its shapes
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+            resolved["params"] = _sharding.param_specs(shapes, param_specs, mesh)
+        return resolved["params"]
+
+    def param_shardings(params):
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs_of(params))
+
+    def shardings(opt_state, params):
         # Over one device, or for an empty block, XLA gives the replicated sharding: so do
         # we, or the step would see other shardings than init's and compile twice.
-        def spread(x):
-            return split if num_devices > 1 and np.size(x) else whole
-
-        return map_placed(opt_state, spread, lambda _: whole)
+        specs = placed_specs(opt_state, params, specs_of(params), split=num_devices > 1)
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
     def init(params: optax.Params, model_state: Any = None) -> TrainState:
+        if sharded:
+            resolved["params"] = _sharding.param_specs(params, param_specs, mesh)
         shapes = jax.eval_shape(init_state, params, model_state)
-        out = jax.tree.map(lambda _: whole, shapes)._replace(opt_state=shardings(shapes.opt_state))
+        out = jax.tree.map(lambda _: whole, shapes)._replace(
+            params=param_shardings(shapes.params),
+            opt_state=shardings(shapes.opt_state, shapes.params),
+        )
         return jax.jit(init_state, out_shardings=out)(params, model_state)
 
     local_workers, put_batch = batch_placer(mesh, num_workers)
@@ -350,7 +381,9 @@ __all__ = [
     "TrainState",
     "data_parallel",
     "evaluator",
+    "fsdp",
     "make_mesh",
+    "model_axes",
     "per_device",
     "vmap_workers",
     "worker_ids",

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -72,6 +73,7 @@ def flying_squirrel(
     aggregation: str | _aggregation.Aggregation | None = "mean",
     compression: _compression.Compressor | None = None,
     exchange: str = "dense",
+    in_flight_dtype: jnp.dtype | None = None,
     worker_momentum: float | None = None,
     compute: _timing.ComputeModel | None = None,
     policy: str | _timing.Policy = "asynchronous",
@@ -158,6 +160,11 @@ def flying_squirrel(
         ``"ordered"`` (the workers' messages added in worker order: bit for bit the same
         over any split of the devices into processes, at the cost of an all-gather): how
         the delay line exchanges messages (:mod:`fsq.transforms.line`).
+      in_flight_dtype: the floating dtype the in-flight buffer stores messages in
+        (``None``: the dtype sums are formed in, float32 at least). ``jnp.bfloat16``
+        halves the buffer: each stored sum is formed in float32 and rounded once (a
+        relative error of at most :math:`2^{-8}` per write), the delivery counts stay
+        exact, and delivery adds the devices' rows in float32.
       worker_momentum: :math:`\beta \in [0, 1)`: each worker sends its momentum
         :math:`m_i \leftarrow \beta m_i + (1 - \beta) g_i` instead of its gradient
         (:func:`fsq.transforms.worker_momentum`), so that a robust ``aggregation`` can tell
@@ -287,7 +294,7 @@ def flying_squirrel(
         num_workers=num_workers,
         axis_name=axis_name,
         send=send,
-        line=transforms.delay_line(model, exchange=exchange),
+        line=transforms.delay_line(model, exchange=exchange, dtype=in_flight_dtype),
         deliver=deliver,
         seed=seed,
     )

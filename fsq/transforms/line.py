@@ -51,6 +51,7 @@ import optax
 from jax import lax
 
 from fsq import _axes, _random, delays
+from fsq._sharding import constrain
 from fsq.transforms import ring, wire
 from fsq.transforms.message import Arrival, Context, DeliverTransformation, Message, Totals
 
@@ -144,7 +145,8 @@ def _exchange_dense(message, in_flight, step, axes, dtype, apart):
     def gathered():
         """The device's workers' messages, leaves ``[num_local, *shape]`` (free under vmap:
         every worker of the device gets the whole batch)."""
-        return jax.tree.map(lambda p: _axes.stack(p, axes.local), wire.parts(message, dtype))
+        row = jax.tree.map(lambda p: _axes.stack(p, axes.local), wire.parts(message, dtype))
+        return row._replace(channels=tuple(constrain(c, leading=1) for c in row.channels))
 
     if in_flight.filled.shape[0]:
         delays = _axes.stack(message.delay, axes.local)

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE
 from fsq.transforms.wire import Row
 
@@ -261,7 +262,8 @@ def _segment_sum(slots: Row, filled: jax.Array, rows: jax.Array, messages: Row, 
         added = jnp.tensordot(target.astype(message.dtype), message, axes=1)[:, None]
         return _store(jnp.where(kept, slot, 0).astype(message.dtype) + added, slot)
 
-    return jax.tree.map(leaf, slots, messages)
+    summed = jax.tree.map(leaf, slots, messages)
+    return summed._replace(channels=tuple(constrain(c, leading=2) for c in summed.channels))
 
 
 def scatter_messages(
