@@ -23,13 +23,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fsq import _axes, _checks
 from fsq.placement import PerWorker
 from fsq.transforms import line as _line
+from fsq.transforms import pairs, ring, wire
 from fsq.transforms import pipeline as _pipeline
-from fsq.transforms import ring, wire
 from fsq.transforms.message import (
     Context,
     DeliverTransformation,
@@ -104,6 +105,26 @@ def _check_updates(updates: optax.Updates, params: optax.Params | None) -> None:
 
 def _shapes(tree: Any, leading: int = 0) -> list[tuple[int, ...]]:
     return [tuple(jnp.shape(x))[leading:] for x in jax.tree.leaves(tree)]
+
+
+def _check_shapes(updates, in_flight, segments, support) -> None:
+    """Raises a ``ValueError`` unless ``in_flight`` holds messages shaped like ``updates``."""
+    if isinstance(in_flight, pairs.Pairs):
+        fits = support is not None and in_flight.positions.shape[2] == support[0]
+        holds = f"{in_flight.positions.shape[2]} kept entries a message"
+    else:
+        fits = in_flight.filled.shape[1] == segments and wire.matches(
+            updates, in_flight.slots, leading=2
+        )
+        holds = (
+            f"{_shapes(in_flight.slots.channels[0], leading=2)} for "
+            f"{in_flight.filled.shape[1]} worker(s) side by side"
+        )
+    if not fits:
+        raise ValueError(
+            "updates must have the shapes of the params given to init, in the same mapped "
+            f"context: got {_shapes(updates)}, the in-flight buffer holds {holds}"
+        )
 
 
 def _run(pieces, value, states, params, context):
@@ -198,6 +219,12 @@ def asynchronous(
         """Messages side by side in a ring row: one per local worker if kept apart."""
         return _axes.local_count(axes.local) if apart else 1
 
+    def support(like: optax.Updates):
+        """``(k, per leaf)`` of a sparse message shaped like ``like``, else ``None``."""
+        if pipeline.support is None:
+            return None
+        return pipeline.support([int(np.size(x)) for x in jax.tree.leaves(like)])
+
     def resolved(like: optax.Updates):
         """The bytes of a message shaped like ``like``, the line's link for that size, and
         the range of delays (all static)."""
@@ -207,10 +234,11 @@ def asynchronous(
 
     def init_fn(params: optax.Params) -> FlyingSquirrelState:
         # Outside the worker axes (flax's TrainState.create, nnx.Optimizer) one state
-        # serves every worker. Kept apart, a row holds the local workers' messages: only
-        # then does the state depend on the axes.
+        # serves every worker. Kept apart, a row holds the local workers' messages, and
+        # sparse messages may be held per local worker: only then does the state depend
+        # on the axes.
         bound = _axes.is_bound(names)
-        axes = _axes.resolve(names, num_workers) if bound and apart else None
+        axes = _axes.resolve(names, num_workers) if bound else None
         dtype = accumulation_dtype(params)
         num_bytes, link, span = resolved(params)
         context = Context(jnp.int32(0), jnp.int32(0), num_workers, seed, span[1], link)
@@ -240,7 +268,15 @@ def asynchronous(
         return FlyingSquirrelState(
             step=zero,
             worker_states=worker_states,
-            in_flight=line.init(params, num_channels, dtype, span, segments(axes)),
+            in_flight=line.init(
+                params,
+                num_channels,
+                dtype,
+                span,
+                segments(axes),
+                num_local=_axes.local_count(axes.local) if axes else None,
+                support=support(params),
+            ),
             delivery_states=tuple(piece.init(params, layout) for piece in deliver),
             inner_state=inner.init(params),
             delivered=zero,
@@ -270,27 +306,28 @@ def asynchronous(
             )
         axes = _axes.resolve(names, num_workers if worker_id is None else None)
         in_flight = state.in_flight
-        if in_flight.filled.shape[1] != segments(axes) or not wire.matches(
-            updates, in_flight.slots, leading=2
-        ):
-            raise ValueError(
-                "updates must have the shapes of the params given to init, in the same "
-                f"mapped context: got {_shapes(updates)}, the in-flight buffer holds "
-                f"{_shapes(in_flight.slots.channels[0], leading=2)} for "
-                f"{in_flight.filled.shape[1]} worker(s) side by side"
-            )
+        _check_shapes(updates, in_flight, segments(axes), support(updates))
         _, link, span = resolved(updates)
         worker = _axes.worker_index(axes.names) if worker_id is None else worker_id
         context = Context(state.step, worker, num_workers, seed, span[1], link)
         here = dataclasses.replace(line, model=link)
-        message = new_message(updates, here.delay(context), in_flight.slots.totals.dtype)
+        message = new_message(updates, here.delay(context), here.sums_dtype(in_flight))
         pieces = list(zip(send, state.worker_states, strict=True))
         states = [s if piece.shared else s.value for piece, s in pieces]
         message, states = _run(send, message, states, params, context)
         worker_states = tuple(
             s if piece.shared else PerWorker(s) for piece, s in zip(send, states, strict=True)
         )
-        due, in_flight = here.send(message, in_flight, state.step, axes, apart)
+        due, in_flight = here.send(
+            message,
+            in_flight,
+            state.step,
+            axes,
+            apart,
+            early=span[0] > 0,
+            support=support(updates),
+            worker=worker,
+        )
         totals = _line.totals(due, num_workers, apart)
         delivered = jnp.round(totals.count).astype(jnp.int32)
 

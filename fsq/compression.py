@@ -158,8 +158,15 @@ class TopK(Compressor):
     def count(self, sizes: Sizes) -> int:
         """How many entries are kept, :math:`k`."""
         if self.per_leaf:
-            return sum(_count(self.density, n) for n in sizes if n)
+            return sum(self.leaf_counts(sizes))
         return _count(self.density, sum(sizes))
+
+    def leaf_counts(self, sizes: Sizes) -> tuple[int, ...] | None:
+        """How many entries each leaf keeps, in order (:meth:`indices` lists them leaf by
+        leaf), or ``None`` when the count per leaf varies (global)."""
+        if not self.per_leaf:
+            return None
+        return tuple(_count(self.density, n) if n else 0 for n in sizes)
 
     def payload_bytes(self, sizes, channels=1):
         # An int32 index shared by the channels and a float32 value per channel and entry.
@@ -178,6 +185,9 @@ class RandomK(TopK):
 
     def count(self, sizes):
         return _count(self.density, sum(sizes))
+
+    def leaf_counts(self, sizes):
+        return None
 
     def payload_bytes(self, sizes, channels=1):
         return 4 * channels * self.count(sizes)  # values only: indices follow from the seed

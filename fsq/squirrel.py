@@ -74,6 +74,7 @@ def flying_squirrel(
     compression: _compression.Compressor | None = None,
     exchange: str = "dense",
     in_flight_dtype: jnp.dtype | None = None,
+    in_flight: str = "auto",
     worker_momentum: float | None = None,
     compute: _timing.ComputeModel | None = None,
     policy: str | _timing.Policy = "asynchronous",
@@ -165,6 +166,10 @@ def flying_squirrel(
         halves the buffer: each stored sum is formed in float32 and rounded once (a
         relative error of at most :math:`2^{-8}` per write), the delivery counts stay
         exact, and delivery adds the devices' rows in float32.
+      in_flight: how messages in flight are held (:class:`fsq.transforms.DelayLine`):
+        ``"rows"`` (the sums due at each step), ``"pairs"`` (with a sparse compressor and
+        the dense exchange: each message as the (position, value) pairs the wire carries,
+        by send step; the same sums) or ``"auto"`` (pairs where they take fewer bytes).
       worker_momentum: :math:`\beta \in [0, 1)`: each worker sends its momentum
         :math:`m_i \leftarrow \beta m_i + (1 - \beta) g_i` instead of its gradient
         (:func:`fsq.transforms.worker_momentum`), so that a robust ``aggregation`` can tell
@@ -294,7 +299,7 @@ def flying_squirrel(
         num_workers=num_workers,
         axis_name=axis_name,
         send=send,
-        line=transforms.delay_line(model, exchange=exchange, dtype=in_flight_dtype),
+        line=transforms.delay_line(model, exchange=exchange, dtype=in_flight_dtype, hold=in_flight),
         deliver=deliver,
         seed=seed,
     )

@@ -368,3 +368,93 @@ def test_with_delay_one_the_all_reduce_does_not_wait_for_the_gradient(delay, ove
 def test_bad_values_raise(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+# --- Messages in flight held as pairs -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operator",
+    [compression.top_k(0.2), compression.top_k(0.3, per_leaf=True), compression.random_k(0.3)],
+)
+@pytest.mark.parametrize(
+    "backend, num_devices", [("vmap", None), ("shard_map", 8), ("shard_map", 2)]
+)
+def test_pairs_hold_the_same_sums_as_rows(operator, backend, num_devices):
+    """Held as (position, value) pairs by send step, the sums due are added in the order
+    the dense rows add them when the rows are written worker by worker (at most as many
+    workers on a device as rows, 4): plain asynchronous SGD gives the same bits. Rows
+    that sum more workers by a product, and the defaults' compensation (which XLA fuses
+    differently around the sums), round differently."""
+    by_rows = backend != "vmap"  # 8 workers on one device: more than the 4 rows
+    for extras, exact in ((PLAIN, by_rows), ({}, False)):
+        rows, held = (
+            run_layout(backend, num_devices, compression=operator, in_flight=hold, **extras)
+            for hold in ("rows", "pairs")
+        )
+        assert isinstance(held.opt_state.in_flight, fsq.transforms.pairs.Pairs)
+        assert isinstance(rows.opt_state.in_flight, fsq.transforms.ring.InFlight)
+        for got, want in zip(
+            jax.tree.leaves(held.params), jax.tree.leaves(rows.params), strict=True
+        ):
+            if exact:
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_pairs_with_a_clock_that_maps_only_the_starting_workers():
+    """With a compute model and ``gradient_slots``, only the workers that start a job are
+    mapped: the others leave no message in their slot."""
+
+    def run(hold):
+        tx = fsq.flying_squirrel(
+            fsq.sgd(0.2),
+            num_workers=4,
+            compute=fsq.timing.fixed([1, 2, 3, 4]),
+            axis_name=fsq.parallel.AXIS_NAME,
+            compression=compression.top_k(0.2),
+            in_flight=hold,
+            seed=5,
+            **PLAIN,
+        )
+        dp = fsq.parallel.data_parallel(
+            mlp_loss, tx, num_workers=4, backend="vmap", gradient_slots=2
+        )
+        rng = np.random.default_rng(0)
+        state = dp.init({"w": rng.normal(size=(5, 6)) / 2, "v": rng.normal(size=6) / 2})
+        for step in range(10):
+            data = np.random.default_rng(step)
+            state, _ = dp.step(
+                state, {"x": data.normal(size=(4, 4, 5)), "y": data.normal(size=(4, 4))}
+            )
+        return state
+
+    held, rows = run("pairs"), run("rows")
+    assert isinstance(held.opt_state.in_flight, fsq.transforms.pairs.Pairs)
+    for got, want in zip(jax.tree.leaves(held.params), jax.tree.leaves(rows.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(optax.tree.get(held.opt_state, "delivered")) > 0
+
+
+def test_pairs_are_held_where_they_take_fewer_bytes():
+    """``in_flight="auto"``: pairs for a sparse message well below the dense rows' size."""
+
+    def held(density, num_workers):
+        tx = fsq.flying_squirrel(
+            fsq.sgd(0.1),
+            num_workers=num_workers,
+            delay=delays.uniform(4),
+            compression=compression.top_k(density),
+        )
+        init = jax.vmap(tx.init, in_axes=None, axis_size=num_workers, axis_name="workers")
+        return type(init({"w": jnp.zeros((40, 50))}).in_flight).__name__
+
+    assert held(0.01, 4) == "Pairs"  # 4 x 20 x (4 + 3 x 4) bytes a row, not 3 x 2000 x 4
+    assert held(0.2, 4) == "InFlight"  # 4 x 400 x 16 > 24,000
+    with pytest.raises(ValueError, match='hold="pairs"'):
+        fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=2, in_flight="pairs").init(
+            jnp.zeros(3)
+        )
+    with pytest.raises(ValueError, match="hold must be one of"):
+        fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, in_flight="sparse")

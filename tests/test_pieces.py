@@ -10,7 +10,7 @@ import pytest
 
 import fsq
 from fsq import _random, compression
-from fsq.transforms import Status, ring, wire
+from fsq.transforms import Status, pairs, ring, wire
 
 T = fsq.transforms
 SEED = 7
@@ -373,6 +373,60 @@ def test_ring_write_strategies_agree():
     want[3] = np.asarray(slots)[3]  # untouched and unmarked: left as it was (reads as 0)
     np.testing.assert_allclose(summed.channels[0], want, rtol=1e-6)
     np.testing.assert_array_equal(summed.totals[:, 0, 0], [2, 1, 3, 0])
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_pairs_deliver_every_message_once_at_its_step(per_leaf):
+    """Sparse messages held as pairs by send step, against a dict of due steps: each due
+    row is the dense sum of the (position, value) pairs due then; workers that send
+    nothing at a step (``slots``) leave no message."""
+    shapes, num_local, max_delay, steps = ((3, 4), (5,)), 3, 3, 25
+    sizes = [int(np.prod(s)) for s in shapes]
+    counts = (2, 1) if per_leaf else None
+    k = 3
+    like = wire.like(tuple(jnp.zeros(s) for s in shapes), 2, jnp.float32, jnp.float32)
+    buffer = pairs.init(max_delay, num_local, k, 2, jnp.float32, jnp.float32)
+    rng = np.random.default_rng(5)
+    due_at = collections.defaultdict(lambda: np.zeros((2, sum(sizes))))
+    counted = collections.defaultdict(float)
+    for t in range(steps):
+        sending = np.sort(rng.choice(num_local, size=rng.integers(1, num_local + 1), replace=False))
+        n = len(sending)
+        if per_leaf:  # two positions in the first leaf, one in the second
+            positions = np.stack(
+                [
+                    np.concatenate(
+                        [rng.choice(sizes[0], 2, replace=False), sizes[0] + rng.choice(sizes[1], 1)]
+                    )
+                    for _ in range(n)
+                ]
+            )
+        else:
+            positions = np.stack([rng.choice(sum(sizes), k, replace=False) for _ in range(n)])
+        values = rng.normal(size=(2, n, k)).astype(np.float32)
+        delays = rng.integers(0, max_delay + 1, size=n)
+        for i in range(n):
+            for c in range(2):
+                due_at[t + delays[i]][c, positions[i]] += values[c, i]
+            counted[t + delays[i]] += 1
+        buffer = pairs.write(
+            buffer,
+            jnp.int32(t),
+            jnp.asarray(positions),
+            tuple(jnp.asarray(v) for v in values),
+            jnp.ones((n, 7)),
+            jnp.asarray(delays),
+            jnp.asarray(sending),
+        )
+        row = pairs.due(buffer, jnp.int32(t), like, counts)
+        want = due_at.pop(t, np.zeros((2, sum(sizes))))
+        for c, channel in enumerate(row.channels):
+            got = np.concatenate([np.ravel(x) for x in channel])
+            np.testing.assert_allclose(got, want[c], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(row.totals, np.full(7, counted.pop(t, 0.0)))
+    assert pairs.nbytes(max_delay, num_local, k, 2, jnp.float32) == sum(
+        x.nbytes for x in jax.tree.leaves(buffer)
+    )
 
 
 # --- Placement and the mapping of workers --------------------------------------------------

@@ -101,4 +101,12 @@ def compress(compressor: Compressor) -> SendTransformation:
         message = message.with_gradient(sent)
         return message._replace(support=kept, shared_support=compressor.shared), state
 
-    return SendTransformation(init, update, wire_bytes=compressor.payload_bytes)
+    def support(sizes):
+        return compressor.count(sizes), compressor.leaf_counts(sizes)
+
+    return SendTransformation(
+        init,
+        update,
+        wire_bytes=compressor.payload_bytes,
+        support=support if compressor.sparse else None,
+    )

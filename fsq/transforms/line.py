@@ -32,6 +32,11 @@ over all workers. Two exchanges:
 When the delivery side keeps the workers apart (a robust aggregation), each worker's
 messages are summed apart and delivery all-gathers the :math:`W` workers' sums.
 
+With a sparse compressor and the dense exchange, the messages in flight are held as the
+wire carries them, (position, value) pairs by send step (:mod:`fsq.transforms.pairs`),
+wherever that takes less memory than the dense rows: the due row is formed at delivery,
+added in the order the dense rows add it, so the run is the same either way.
+
 Example:
   >>> import fsq
   >>> line = fsq.transforms.delay_line(fsq.delays.uniform(4))
@@ -44,18 +49,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from fsq import _axes, _random, delays
 from fsq._sharding import constrain
-from fsq.transforms import ring, wire
+from fsq.transforms import pairs, ring, wire
 from fsq.transforms.message import Arrival, Context, DeliverTransformation, Message, Totals
 
 EXCHANGES = ("dense", "sparse", "ordered")
+HOLDS = ("auto", "rows", "pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +76,16 @@ class DelayLine:
       dtype: the dtype messages in flight are stored in (``None``: the dtype their sums
         are formed in, at least float32; e.g. ``jnp.bfloat16`` halves the in-flight
         buffer, each stored sum rounded once).
+      hold: how messages in flight are held: ``"rows"`` (the sums due at each step,
+        :mod:`fsq.transforms.ring`), ``"pairs"`` (sparse messages as the wire carries
+        them, :mod:`fsq.transforms.pairs`) or ``"auto"`` (pairs where they take fewer
+        bytes).
     """
 
     model: delays.DelayModel
     exchange: str = "dense"
     dtype: jnp.dtype | None = None
+    hold: str = "auto"
 
     def delay(self, context: Context) -> jax.Array:
         """The delay of this worker's message at this step (int32 scalar)."""
@@ -86,32 +99,84 @@ class DelayLine:
         dtype: jnp.dtype,
         span: tuple[int, int],
         segments: int = 1,
-    ) -> ring.InFlight:
+        num_local: int | None = None,
+        support: tuple[int, tuple[int, ...] | None] | None = None,
+    ) -> ring.InFlight | pairs.Pairs:
         """An empty buffer for messages of ``num_channels`` channels shaped like ``like``
         (``segments`` workers' messages side by side), their sums formed in ``dtype``, and
-        delays in ``span`` = ``(min, max)``."""
+        delays in ``span`` = ``(min, max)``; with sparse messages (``support``, ``(k, per
+        leaf)``) from ``num_local`` workers, held as pairs where that is smaller."""
         low, high = span
         row = wire.like(like, num_channels, self.dtype or dtype, dtype)
+        if self.as_pairs(row, high, segments, num_local, support):
+            return pairs.init(high, num_local, support[0], num_channels, self.dtype or dtype, dtype)
         return ring.init(high, row, early=low > 0, segments=segments)
+
+    def as_pairs(
+        self,
+        row: wire.Row,
+        max_delay: int,
+        segments: int,
+        num_local: int | None,
+        support: tuple[int, tuple[int, ...] | None] | None,
+    ) -> bool:
+        """Whether sparse messages are held as pairs (:mod:`fsq.transforms.pairs`): with
+        the dense exchange and the mean, where that takes fewer bytes than dense rows
+        (``hold="auto"``), or always (``"pairs"``)."""
+        if self.hold == "rows":
+            return False
+        possible = support is not None and num_local is not None and max_delay
+        if not (possible and self.exchange == "dense" and segments == 1):
+            if self.hold == "pairs":
+                raise ValueError(
+                    'hold="pairs" holds sparse messages (a sparse compressor) of the dense '
+                    "exchange with the mean aggregation, with delays, for a transform "
+                    "initialized under its worker axes"
+                )
+            return False
+        if self.hold == "pairs":
+            return True
+        dense = (max_delay + 1) * sum(
+            int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)
+        )
+        held = pairs.nbytes(max_delay, num_local, support[0], len(row.channels), row_dtype(row))
+        return held < dense
+
+    def sums_dtype(self, in_flight: ring.InFlight | pairs.Pairs) -> jnp.dtype:
+        """The dtype sums of messages are formed in (that of their totals)."""
+        totals = in_flight.totals if isinstance(in_flight, pairs.Pairs) else in_flight.slots.totals
+        return totals.dtype
 
     def send(
         self,
         message: Message,
-        in_flight: ring.InFlight,
+        in_flight: ring.InFlight | pairs.Pairs,
         step: jax.Array,
         axes: _axes.WorkerAxes,
         apart: bool = False,
-    ) -> tuple[ring.Due, ring.InFlight]:
+        early: bool = False,
+        support: tuple[int, tuple[int, ...] | None] | None = None,
+        worker: jax.Array | None = None,
+    ) -> tuple[ring.Due, ring.InFlight | pairs.Pairs]:
         """Sends this worker's message; returns what is due at ``step`` (over every
-        worker; each worker's sums side by side when ``apart``) and the buffer."""
-        dtype = in_flight.slots.totals.dtype  # the dtype sums are formed in
+        worker; each worker's sums side by side when ``apart``) and the buffer.
+        ``early``: no message is due the step it is sent (the smallest delay is above 0);
+        ``support``: as for :meth:`init`; ``worker``: this worker's global id."""
+        dtype = self.sums_dtype(in_flight)
+        if isinstance(in_flight, pairs.Pairs):
+            slots = _axes.stack(worker, axes.local) % in_flight.due_at.shape[1]
+            return _exchange_pairs(message, in_flight, step, axes, dtype, early, support[1], slots)
         if self.exchange == "sparse":
             return _exchange_sparse(message, in_flight, step, axes, dtype)
         return _exchange_dense(message, in_flight, step, axes, dtype, apart)
 
 
 def delay_line(
-    delay: int | delays.DelayModel = 0, *, exchange: str = "dense", dtype: jnp.dtype | None = None
+    delay: int | delays.DelayModel = 0,
+    *,
+    exchange: str = "dense",
+    dtype: jnp.dtype | None = None,
+    hold: str = "auto",
 ) -> DelayLine:
     """A delay line with ``delay`` (an int: constant; or a :mod:`fsq.delays` model).
 
@@ -121,14 +186,17 @@ def delay_line(
         needs a sparse compressor on the worker side, and the mean aggregation).
       dtype: the floating dtype messages in flight are stored in (``None``: that of their
         sums, at least float32).
+      hold: ``"auto"``, ``"rows"`` or ``"pairs"`` (see :class:`DelayLine`).
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if hold not in HOLDS:
+        raise ValueError(f"hold must be one of {HOLDS}, got {hold!r}")
     if dtype is not None:
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"dtype must be a floating dtype (e.g. jnp.bfloat16), got {dtype}")
-    return DelayLine(delays.as_delay_model(delay), exchange, dtype)
+    return DelayLine(delays.as_delay_model(delay), exchange, dtype, hold)
 
 
 def _in(dtype: jnp.dtype, row: wire.Row) -> wire.Row:
@@ -137,10 +205,31 @@ def _in(dtype: jnp.dtype, row: wire.Row) -> wire.Row:
     return row._replace(channels=channels)
 
 
+def row_dtype(row: wire.Row) -> jnp.dtype:
+    """The dtype a row holds its channels in."""
+    return jax.tree.leaves(row.channels)[0].dtype if jax.tree.leaves(row.channels) else jnp.float32
+
+
+def _spanned(axes: _axes.WorkerAxes) -> tuple[str, ...]:
+    """The device axes a due row is reduced over (over one device the collective would
+    only copy the row: none)."""
+    return tuple(a for a in axes.device if lax.axis_size(a) > 1)
+
+
+def _over_devices(due: ring.Due, axes: _axes.WorkerAxes, dtype, apart: bool) -> ring.Due:
+    """The due row over every device: one all-reduce (or all-gather, kept apart) of the
+    devices' rows, in the dtype sums are formed in."""
+    spanned = _spanned(axes)
+    if not spanned:
+        return due
+    row = _in(dtype, ring.read(due))
+    row = lax.all_gather(row, spanned, tiled=True) if apart else lax.psum(row, spanned)
+    return ring.as_due(row)
+
+
 def _exchange_dense(message, in_flight, step, axes, dtype, apart):
     num_local = _axes.local_count(axes.local)
-    # Over one device the collective would only copy the row: skip it.
-    spanned = tuple(a for a in axes.device if lax.axis_size(a) > 1)
+    spanned = _spanned(axes)
 
     def gathered():
         """The device's workers' messages, leaves ``[num_local, *shape]`` (free under vmap:
@@ -161,11 +250,42 @@ def _exchange_dense(message, in_flight, step, axes, dtype, apart):
         # leading axis was 50x slower on CPU.
         ones = jnp.ones(num_local, dtype)
         due = ring.as_due(jax.tree.map(lambda p: jnp.tensordot(ones, p, axes=1)[None], gathered()))
-    if spanned:
-        row = _in(dtype, ring.read(due))
-        row = lax.all_gather(row, spanned, tiled=True) if apart else lax.psum(row, spanned)
-        due = ring.as_due(row)
-    return due, in_flight
+    return _over_devices(due, axes, dtype, apart), in_flight
+
+
+def _values(channel: optax.Updates, kept: jax.Array, counts: tuple[int, ...] | None):
+    """``channel``'s entries at the flat positions ``kept`` (``[k]``): each leaf's own
+    stretch of them, read where the leaf's shards are, when the count per leaf is known."""
+    leaves = jax.tree.leaves(channel)
+    if counts is None:
+        return jnp.concatenate([jnp.ravel(x) for x in leaves])[kept]
+    values, start, offset = [], 0, 0
+    for x, count in zip(leaves, counts, strict=True):
+        local = kept[start : start + count] - offset
+        values.append(x[jnp.unravel_index(local, x.shape)] if x.ndim else jnp.repeat(x, count))
+        start, offset = start + count, offset + x.size
+    return jnp.concatenate(values) if values else jnp.zeros((0,), jnp.float32)
+
+
+def _exchange_pairs(message, in_flight, step, axes, dtype, early, counts, slots):
+    row = wire.parts(message, dtype)
+    values = [_values(channel, message.support, counts) for channel in row.channels]
+    stack = functools.partial(_axes.stack, axes=axes.local)
+    sent = (stack(message.support), [stack(v) for v in values], stack(row.totals))
+    like = wire.like(message.gradient, len(row.channels), dtype, dtype)
+
+    def write(buffer):
+        return pairs.write(buffer, step, *sent, stack(message.delay), slots)
+
+    def local_due(buffer):
+        return ring.as_due(jax.tree.map(lambda x: x[None], pairs.due(buffer, step, like, counts)))
+
+    if early:  # nothing sent now is due now: read first, free of this step's gradient
+        due, in_flight = local_due(in_flight), write(in_flight)
+    else:
+        in_flight = write(in_flight)
+        due = local_due(in_flight)
+    return _over_devices(due, axes, dtype, apart=False), in_flight
 
 
 def _exchange_sparse(message, in_flight, step, axes, dtype):

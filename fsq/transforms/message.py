@@ -162,6 +162,9 @@ class SendTransformation(NamedTuple):
         range of delays (``None``: unchanged).
       wire_bytes: ``(leaf sizes, channels) -> bytes`` of one of its messages on the wire,
         for a piece that compresses (``None``: unchanged).
+      support: for a piece whose messages are sparse, ``leaf sizes -> (k, per leaf)``: how
+        many entries a message keeps, and how many of them each leaf holds (``None`` when
+        that varies), known before any message is sent.
       shared: its state is the same on every worker (replicated), not each worker's own.
       needs_context: ``init`` takes the :class:`Context` too (its ``step`` 0, ``worker``
         0: the run it belongs to).
@@ -174,6 +177,7 @@ class SendTransformation(NamedTuple):
     channels: int | None = None
     delays: Callable[[DelayRange], DelayRange] | None = None
     wire_bytes: WireBytes | None = None
+    support: Callable[[Sequence[int]], tuple[int, tuple[int, ...] | None]] | None = None
     shared: bool = False
     needs_context: bool = False
 

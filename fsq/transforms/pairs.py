@@ -98,19 +98,27 @@ def write(
     values: Sequence[jax.Array],
     totals: jax.Array,
     delays: jax.Array,
+    slots: jax.Array | None = None,
 ) -> Pairs:
-    """The device's messages sent at ``step`` (``[L, k]`` positions and values per channel,
-    ``[L, 7]`` totals, ``[L]`` delays) in row ``step mod rows``."""
+    """The messages of the device's workers ``slots`` (``[n]`` local indices, ``None``:
+    all of them, in order) sent at ``step`` (``[n, k]`` positions and values per channel,
+    ``[n, 7]`` totals, ``[n]`` delays), in row ``step mod rows``; a worker not among them
+    sends nothing at ``step``."""
     row = step % buffer.due_at.shape[0]
+    num_local = buffer.due_at.shape[1]
+    if slots is None:
+        slots = jnp.arange(num_local)
 
     def put(x, new):
-        return lax.dynamic_update_index_in_dim(x, new.astype(x.dtype), row, 0)
+        whole = jnp.zeros(x.shape[1:], x.dtype).at[slots].set(new.astype(x.dtype))
+        return lax.dynamic_update_index_in_dim(x, whole, row, 0)
 
+    due_at = jnp.full((num_local,), NOT_DUE, jnp.int32).at[slots].set(step + delays)
     return Pairs(
         put(buffer.positions, positions),
         tuple(put(x, v) for x, v in zip(buffer.values, values, strict=True)),
         put(buffer.totals, totals),
-        put(buffer.due_at, step + delays),
+        lax.dynamic_update_index_in_dim(buffer.due_at, due_at, row, 0),
     )
 
 
@@ -138,28 +146,33 @@ def scatter(
             flat = jnp.zeros(sum(int(np.prod(x.shape)) for x in leaves), value.dtype)
             flat = flat.at[positions].add(value)
             offsets = np.cumsum([0] + [int(np.prod(x.shape)) for x in leaves])
-            dense = [flat[a:b].reshape(x.shape) for x, a, b in zip(leaves, offsets, offsets[1:])]
+            ends = zip(offsets[:-1], offsets[1:], strict=True)
+            dense = [flat[a:b].reshape(x.shape) for x, (a, b) in zip(leaves, ends, strict=True)]
         else:  # each leaf's own stretch, scattered where the leaf's shards are
             dense = []
             for x, (start, count, offset) in zip(leaves, stretches, strict=True):
                 local = positions[:, start : start + count] - offset
-                zeros = jnp.zeros(x.shape, value.dtype)
-                at = jnp.unravel_index(local, x.shape) if x.shape else ()
-                dense.append(zeros.at[at].add(value[:, start : start + count]) if count else zeros)
+                shape = x.shape or (1,)  # a scalar leaf as one entry
+                zeros = jnp.zeros(shape, value.dtype)
+                added = zeros.at[jnp.unravel_index(local, shape)].add(
+                    value[:, start : start + count]
+                )
+                dense.append(added.reshape(x.shape))
         channels.append(treedef.unflatten(dense))
     return tuple(channels)
 
 
 def due(buffer: Pairs, step: jax.Array, like: Row, sizes: Sequence[int] | None) -> Row:
     """The sum of the messages due at ``step``: a :class:`~fsq.transforms.wire.Row` shaped
-    like ``like`` (channels in the values' dtype), added in send order, then worker
-    order."""
+    like ``like``, in the totals' dtype (the dtype sums are formed in), added in send
+    order, then worker order."""
     rows, num_local, count = buffer.positions.shape
     order = (step + 1 + jnp.arange(rows)) % rows  # the oldest send step first
     mask = (buffer.due_at[order] == step).reshape(rows * num_local)
     positions = buffer.positions[order].reshape(rows * num_local, count)
+    dtype = buffer.totals.dtype
     values = [
-        jnp.where(mask[:, None], v[order].reshape(rows * num_local, count), 0)
+        jnp.where(mask[:, None], v[order].reshape(rows * num_local, count).astype(dtype), 0)
         for v in buffer.values
     ]
     totals = jnp.where(mask[:, None], buffer.totals[order].reshape(rows * num_local, -1), 0)

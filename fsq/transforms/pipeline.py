@@ -38,6 +38,8 @@ class Pipeline(NamedTuple):
       num_channels: the channels of a message.
       wire_bytes: ``(leaf sizes, channels) -> bytes`` of a message on the wire.
       apart: whether the delay line keeps each worker's sums apart.
+      support: ``leaf sizes -> (k, per leaf)`` for sparse messages, else ``None``
+        (:attr:`~fsq.transforms.SendTransformation.support`).
     """
 
     send: tuple[SendTransformation, ...]
@@ -46,6 +48,7 @@ class Pipeline(NamedTuple):
     num_channels: int
     wire_bytes: Callable[[Sequence[int], int], int]
     apart: bool
+    support: Callable[[Sequence[int]], tuple[int, tuple[int, ...] | None]] | None = None
 
     def span(self, link: DelayModel) -> tuple[int, int]:
         """``(min, max)`` delay a message can travel with over ``link`` (resolved for the
@@ -71,10 +74,11 @@ def pipeline(
             f"delay model is defined for {model.num_workers} workers but num_workers={num_workers}"
         )
     send = tuple(_as_send(piece) for piece in send)
-    num_channels, wire_bytes = 1, dense_bytes
+    num_channels, wire_bytes, support = 1, dense_bytes, None
     for piece in send:
         num_channels = piece.channels or num_channels
         wire_bytes = piece.wire_bytes or wire_bytes
+        support = piece.support or support
     delays = tuple(piece.delays for piece in send if piece.delays)
     deliver = tuple(deliver)
     for piece in deliver:
@@ -101,7 +105,7 @@ def pipeline(
         deliver, apart = (_line.merge_in_order(), *deliver), True
     if apart and line.exchange == "sparse":
         raise ValueError('exchange="sparse" works with the mean aggregation only')
-    pipeline = Pipeline(send, deliver, delays, num_channels, wire_bytes, apart)
+    pipeline = Pipeline(send, deliver, delays, num_channels, wire_bytes, apart, support)
     # The pieces check the range of delays (a bound above the largest, say) at once, on a
     # link of the message's size: the size is known later, so at the smallest.
     _, high = pipeline.span(model.for_message(0))
