@@ -13,6 +13,13 @@ Two layouts:
   the path of laptops and of the studies), against the step a user writes by hand: a
   ``vmap`` of the per-worker gradients, their mean, one update.
 
+With ``--model-shards S`` (``devices`` layout) each worker is a group of S devices, the
+model sharded over them (:func:`fsq.parallel.fsdp`'s rule, a mesh axis ``"fsdp"``), one
+worker per group; the reference is the same hand-written step on the same mesh and
+shardings: a ``shard_map`` manual over the worker axis only, its gradient, one ``pmean``
+over the worker axis, the update, GSPMD sharding the rest as it shards Flying
+Squirrel's step.
+
 Run: ``python -m benchmarks.overhead [--layout devices|vmap] [--devices 1] [--width 1024]
 [--batches 32 256]``; ``--profile STEP`` lists instead where the time of one step goes (a
 ``jax.profiler`` trace: the operations of its compiled program by time per step).
@@ -41,6 +48,9 @@ def main() -> None:
     parser.add_argument("--layout", choices=["devices", "vmap"], default="devices")
     parser.add_argument("--devices", type=int, default=1, help="CPU devices to simulate")
     parser.add_argument("--workers", type=int, default=8, help="workers of the vmap layout")
+    parser.add_argument(
+        "--model-shards", type=int, default=1, help="devices a worker's model is sharded over"
+    )
     parser.add_argument("--width", type=int, default=1024, help="MLP hidden width")
     parser.add_argument(
         "--batches",
@@ -67,8 +77,9 @@ def main() -> None:
 
     vmap = args.layout == "vmap"
     args.batches = args.batches or ([32] if vmap else [32, 256])
-    mesh = fsq.parallel.make_mesh(1 if vmap else None)
-    workers = args.workers if vmap else mesh.devices.size
+    shards = {"fsdp": args.model_shards} if args.model_shards > 1 else None
+    mesh = fsq.parallel.make_mesh(1 if vmap else None, model_axes=shards)
+    workers = args.workers if vmap else mesh.shape[fsq.parallel.DEVICE_AXIS]
     sizes = (784, args.width, args.width // 2 if vmap else args.width, 10)
     params = mlp.init(sizes)
     num_params = mlp.num_params(params)
@@ -84,6 +95,7 @@ def main() -> None:
             updates, opt_state = inner.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss[None]
 
+        manual = {"axis_names": {fsq.parallel.DEVICE_AXIS}} if shards else {}
         return jax.jit(
             jax.shard_map(
                 body,
@@ -91,7 +103,8 @@ def main() -> None:
                 in_specs=(P(), P(), P(fsq.parallel.DEVICE_AXIS)),
                 out_specs=(P(), P(), P(fsq.parallel.DEVICE_AXIS)),
                 check_vma=False,
-            )
+                **manual,
+            ),
         )
 
     def vmap_step():
@@ -136,7 +149,16 @@ def main() -> None:
         )
         thunks, accessed = {}, {}
         for name, sync_step in sync_steps.items():
-            sync_state = [params, inner.init(params)]
+            # The parameters (and so Adam's moments) sharded as Flying Squirrel shards them.
+            placed = jax.device_put(
+                params,
+                jax.tree.map(
+                    lambda s: jax.sharding.NamedSharding(mesh, s), fsq.parallel.fsdp(params, mesh)
+                )
+                if shards
+                else jax.sharding.NamedSharding(mesh, P()),
+            )
+            sync_state = [placed, jax.jit(inner.init)(placed)]
 
             def sync_thunk(sync_step=sync_step, sync_state=sync_state, batch=batch):
                 sync_state[0], sync_state[1], loss = sync_step(*sync_state, batch)
@@ -182,10 +204,14 @@ def main() -> None:
         ]
     if args.profile is not None:
         return
-    print(f"{workers} workers on {mesh.devices.size} devices, MLP {sizes}, {num_params} params")
+    print(
+        f"{workers} workers on {mesh.devices.size} devices ({args.model_shards} a worker), "
+        f"MLP {sizes}, {num_params} params"
+    )
     timing.print_table(rows)
+    name = "overhead_vmap" if vmap else "overhead"
     path = timing.save(
-        "overhead" if not vmap else "overhead_vmap",
+        f"{name}_sharded" if shards else name,
         {
             "workers": workers,
             "num_params": num_params,

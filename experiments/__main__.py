@@ -83,6 +83,14 @@ def parser() -> argparse.ArgumentParser:
         help="how workers' messages are summed: dense (an all-reduce) or ordered (in worker "
         "order: records bit for bit the same over any split of the devices into processes)",
     )
+    p.add_argument(
+        "--model-shards",
+        type=int,
+        default=1,
+        metavar="S",
+        help="devices each worker's model is sharded over (a model axis 'fsdp' of the mesh; "
+        "the same numbers, to float32 rounding, with 1/S of each model's state per device)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -180,7 +188,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         config = read_config(args.directory)
         args.devices = str(config["devices_arg"])
         args.exchange = config.get("exchange", "dense")
+        args.model_shards = config.get("model_shards", 1)
+    if args.model_shards < 1:
+        parser().error(f"--model-shards must be at least 1, got {args.model_shards}")
     training.EXCHANGE.set(args.exchange)
+    training.MODEL_SHARDS.set(args.model_shards)
     num_devices, first_line = start_devices(args)
     writer = jax.process_index() == 0
 
@@ -221,6 +233,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         "seeds": None if seeds is None else list(seeds),
         "devices_arg": args.devices,
         "exchange": args.exchange,
+        "model_shards": args.model_shards,
         "sizes": sizes,
     }
     if writer:
@@ -244,6 +257,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         "platform": jax.default_backend(),
         "processes": jax.process_count(),
         "exchange": args.exchange,
+        "model_shards": args.model_shards,
         "jax": jax.__version__,
         "wall_seconds": seconds,
     }

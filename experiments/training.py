@@ -45,6 +45,8 @@ STEPS_DONE: contextvars.ContextVar[Callable[[int], object] | None] = contextvars
 # How Flying Squirrel's delay lines exchange messages: "dense" (an all-reduce) or
 # "ordered" (added in worker order: the same records over any split into processes).
 EXCHANGE: contextvars.ContextVar[str] = contextvars.ContextVar("exchange", default="dense")
+# How many devices each worker's model is sharded over (the runner's --model-shards).
+MODEL_SHARDS: contextvars.ContextVar[int] = contextvars.ContextVar("model_shards", default=1)
 MakeTx = Callable[[Hyperparameters, jax.Array], optax.GradientTransformation]
 
 
@@ -160,15 +162,23 @@ def train(
     Returns:
       An :class:`Outcome`.
     """
-    mesh = fsq.parallel.make_mesh(math.gcd(num_workers, num_devices))
+    shards = MODEL_SHARDS.get()
+    if num_devices % shards:
+        raise ValueError(f"--model-shards {shards} must divide the devices ({num_devices})")
+    groups = math.gcd(num_workers, num_devices // shards)
+    model_axes = {"fsdp": shards} if shards > 1 else None
+    mesh = fsq.parallel.make_mesh(groups * shards, model_axes=model_axes)
     if mesh.devices.size < num_devices and (num_workers, num_devices) not in _SAID:
         _SAID.add((num_workers, num_devices))
         print(
             f"note: {num_workers} workers run on {mesh.devices.size} of the {num_devices} "
-            f"devices (the workers must split evenly over the devices used)",
+            f"devices (the workers must split evenly over the worker groups used)",
             file=sys.stderr,
         )
-    local = num_workers // mesh.devices.size
+    local = num_workers // groups
+    # With model shards, each model's parameters (and every buffer shaped like them) are
+    # sharded over its group by fsq.parallel.fsdp's rule.
+    specs = fsq.parallel.fsdp(jax.eval_shape(task.init, jax.random.key(0)), mesh)
     sizes = [batch_size] * num_workers if worker_batch_sizes is None else list(worker_batch_sizes)
     width, sizes = max(sizes), jnp.asarray(sizes)
     names = tuple(grid)
@@ -181,6 +191,8 @@ def train(
         workers = fsq.parallel.vmap_workers(tx, num_workers=local)
         init_key, data_key = jax.random.split(jax.random.key(seed))
         params = task.init(init_key)
+        if model_axes:
+            params = jax.lax.with_sharding_constraint(params, specs)
         ids = fsq.parallel.worker_ids(local)
 
         def loss(params, worker):
@@ -215,9 +227,10 @@ def train(
             return carry, (outputs, test_loss)
 
         chunks = jnp.arange(steps).reshape(max(test_points, 1), -1)
-        (params, _), ((losses, stale, delivered), test_curve) = jax.lax.scan(
-            chunk, (params, workers.init(params)), chunks
-        )
+        with fsq.parallel.sharded_like(specs if model_axes else None):
+            (params, _), ((losses, stale, delivered), test_curve) = jax.lax.scan(
+                chunk, (params, workers.init(params)), chunks
+            )
         staleness = jnp.sum(stale) / jnp.maximum(jnp.sum(delivered), 1)
         return params, losses.reshape(-1), test_curve, staleness
 

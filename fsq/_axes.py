@@ -109,6 +109,12 @@ def local_count(local: tuple[str, ...]) -> int:
     return math.prod(lax.axis_size(n) for n in local)
 
 
+def model_shards() -> int:
+    """How many devices a worker's model is sharded over here (:func:`model_axes`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[name] for name in model_axes())
+
+
 def model_axes() -> tuple[str, ...]:
     """The axes that shard the model here: inside a ``shard_map`` manual over the worker
     axes only (:mod:`fsq.parallel` with model axes), the mesh's other axes of more than one

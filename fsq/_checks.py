@@ -78,8 +78,16 @@ def integer(name: str, value: Any, low: int = 0, high: int | None = None) -> int
     return int(value)
 
 
-def transformation(name: str, value: Any) -> Any:
-    """Checks that ``value`` is an optax transformation (a preset's, a chain, any)."""
+def scalar(value: Any) -> Any:
+    """``value`` as a Python float, unless it is traced (an injected hyperparameter)."""
+    return value if _is_traced(value) else float(value)
+
+
+def transformation(name: str, value: Any) -> optax.GradientTransformation:
+    """Checks that ``value`` is an optax transformation (a preset's, a chain, any); an
+    ``optax.MultiSteps`` object gives its ``gradient_transformation()``."""
+    if isinstance(value, optax.MultiSteps):
+        return value.gradient_transformation()
     if not isinstance(value, optax.GradientTransformation):
         raise TypeError(
             f"{name} must be an optax.GradientTransformation, got {type(value).__name__}"

@@ -61,7 +61,8 @@ def vmap_workers(
     of the state, so that nobody writes them by hand.
 
     ``init(params)`` returns the workers' state (per-worker parts stacked ``[W, ...]``,
-    the rest once); ``update(grads, state, params)``, with ``grads`` leaves ``[W, ...]``,
+    the rest once; for abstract parameters, ``jax.ShapeDtypeStruct`` leaves, its shapes);
+    ``update(grads, state, params)``, with ``grads`` leaves ``[W, ...]``,
     returns the update (the same for every worker, once) and the new state. ``tx`` is
     called per worker under the axis ``axis_name`` (a Flying Squirrel transform built with
     the same ``axis_name`` and ``num_workers``). With ``rows`` (``[K]`` distinct local
@@ -82,6 +83,8 @@ def vmap_workers(
     workers = {"axis_name": axis_name}
 
     def init_fn(params):
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            return jax.eval_shape(init_fn, params)  # abstract parameters: the state's shapes
         init = functools.partial(jax.vmap, tx.init, in_axes=None, axis_size=num_workers, **workers)
         axes = worker_axes(jax.eval_shape(init(out_axes=0), params))
         return init(out_axes=axes)(params)

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fsq.placement import PLACEMENTS, is_declared, placement_of
+from fsq.placement import PLACEMENTS, is_declared, over_model_shards, placement_of
 
 DEVICE_AXIS = "devices"
 
@@ -212,12 +212,36 @@ def with_devices(spec: P) -> P:
     return normalized(P(DEVICE_AXIS, *rest))
 
 
-def placed_specs(state: Any, params: Any, specs: Specs, split: bool) -> Any:
+def placed_specs(
+    state: Any, params: Any, specs: Specs, split: bool, model: dict[str, int] | None = None
+) -> Any:
     """:func:`state_specs`, with the worker axis on axis 0 of the per-device and per-worker
-    parts when ``split`` (more than one worker group)."""
+    parts when ``split`` (more than one worker group), and the last axis of the fields a
+    part names in ``over_model_shards`` (:mod:`fsq.placement`) over the ``model`` axes
+    (names and sizes) where their shards divide it."""
     leaves = state_specs(state, params, specs)
+    axes = tuple(name for name, size in (model or {}).items() if size > 1)
+    shards = math.prod((model or {}).values())
+
+    def over_model(x, spec):
+        if not axes or not np.ndim(x) or np.shape(x)[-1] % shards:
+            return spec
+        return normalized(P(*([None] * (np.ndim(x) - 1)), axes))
 
     def place(node_state, node_specs):
+        fields = over_model_shards(node_state)
+        if fields:
+            node_specs = node_specs._replace(
+                **{
+                    f: jax.tree.map(
+                        over_model,
+                        getattr(node_state, f),
+                        getattr(node_specs, f),
+                        is_leaf=lambda x: isinstance(x, P),
+                    )
+                    for f in fields
+                }
+            )
         if split and placement_of(node_state) in PLACEMENTS:
             return jax.tree.map(
                 lambda x, s: with_devices(s) if np.size(x) else s,
@@ -235,9 +259,22 @@ _PARAMETERS = contextvars.ContextVar("fsq_parameter_specs", default=None)
 
 @contextlib.contextmanager
 def parameters(specs: Specs | None) -> Iterator[None]:
-    """Within, :func:`constrain` shards per-parameter values like the parameters
-    ``specs``: :mod:`fsq.parallel` traces its step under it, so that a transform's buffers
-    stay sharded inside the step (GSPMD alone may gather a reshaped one)."""
+    """Within, Flying Squirrel keeps every per-parameter value it computes (gradients,
+    messages, rows in flight) sharded like the parameters, whose specs are ``specs``
+    (``None``: unconstrained).
+
+    :func:`fsq.parallel.data_parallel` traces its step under it; a loop of your own that
+    shards a model inside a ``shard_map`` manual over the worker axis (as the studies'
+    trainer does with :func:`fsq.parallel.per_device`) traces its steps under it too, or
+    XLA may gather a value it reshapes.
+
+    Example:
+      >>> import jax.numpy as jnp, fsq
+      >>> mesh = fsq.parallel.make_mesh(8, model_axes={"fsdp": 4})
+      >>> specs = fsq.parallel.fsdp({"w": jnp.zeros((4, 8))}, mesh)
+      >>> with fsq.parallel.sharded_like(specs):
+      ...     pass  # trace the workers' steps here
+    """
     token = _PARAMETERS.set(specs)
     try:
         yield
@@ -270,3 +307,61 @@ def constrain(tree: Any, leading: int = 0) -> Any:
             for sub, s in zip(flat, spec_leaves, strict=True)
         ]
     )
+
+
+def explicit_spec(x: Any) -> P | None:
+    """The ``PartitionSpec`` ``x`` is typed with on a mesh of explicit axes (jax's
+    sharding in types: ``jax.make_mesh``'s default), ``None`` anywhere else. A
+    ``jax.ShapeDtypeStruct`` gives its own sharding's."""
+    sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else None
+    if sharding is None and not isinstance(x, jax.ShapeDtypeStruct):
+        try:
+            sharding = jax.typeof(x).sharding
+        except TypeError:
+            return None
+    if not isinstance(sharding, NamedSharding):
+        return None
+    types = sharding.mesh.axis_types
+    if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in types:
+        return None
+    return sharding.spec
+
+
+def zeros(leading: tuple[int, ...], like: Any, dtype: Any) -> jax.Array:
+    """Zeros of ``leading + like.shape`` in ``dtype``, sharded as ``like`` is on its
+    trailing dimensions where ``like`` is typed with an explicit sharding (the leading
+    ones unsharded): a buffer of a parameter, typed like it."""
+    shape = tuple(leading) + tuple(np.shape(like))
+    spec = explicit_spec(like)
+    if spec is None:
+        return jax.numpy.zeros(shape, dtype)
+    return jax.numpy.zeros(shape, dtype, out_sharding=P(*([None] * len(leading)), *spec))
+
+
+def typed_like(x: Any, like: Any, leading: int = 0) -> Any:
+    """``x`` resharded as ``like`` is, less ``like``'s first ``leading`` dimensions, where
+    ``like`` is typed with an explicit sharding (a value computed replicated, such as a
+    mask or a robust rule's reduction, meeting a sharded parameter)."""
+    spec = explicit_spec(like)
+    if spec is None:
+        return x
+    spec = normalized(P(*tuple(spec)[leading:]))
+    if explicit_spec(x) is not None and normalized(explicit_spec(x)) == spec:
+        return x
+    return jax.sharding.reshard(x, spec)
+
+
+def typed(x: Any) -> NamedSharding | None:
+    """The explicit sharding ``x`` is typed with (see :func:`explicit_spec`), else
+    ``None``: what a ``jax.ShapeDtypeStruct`` of ``x`` carries."""
+    spec = explicit_spec(x)
+    return None if spec is None else jax.typeof(x).sharding
+
+
+def flat(x: Any) -> jax.Array:
+    """``x`` flattened; typed with an explicit sharding, gathered first (a flat vector of a
+    sharded leaf has no sharding of its own: what needs one, such as a selection among
+    the leaf's entries, gathers it anyway)."""
+    if explicit_spec(x) is not None:
+        x = jax.sharding.reshard(x, P())
+    return jax.numpy.ravel(x)

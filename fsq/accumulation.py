@@ -27,7 +27,7 @@ class AccumulationState(NamedTuple):
 
 def accumulate(
     inner: optax.GradientTransformation, num_microbatches: int
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Averages the gradients of ``num_microbatches`` calls, then steps ``inner`` once.
 
     .. math::
@@ -46,7 +46,8 @@ def accumulate(
       num_microbatches: ``k >= 1``, the number of calls that make one batch.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformationExtraArgs``: extra arguments of ``update`` (a
+      loss ``value=``, say) are passed on to ``inner``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -59,30 +60,35 @@ def accumulate(
       >>> print(u)
       [-2.]
     """
-    _checks.transformation("inner", inner)
+    inner = optax.with_extra_args_support(_checks.transformation("inner", inner))
     k = _checks.integer("num_microbatches", num_microbatches, low=1)
 
     def sum_dtype(x: jax.Array) -> jnp.dtype:
         return jnp.promote_types(x.dtype, jnp.float32)
 
     def init_fn(params: optax.Params) -> AccumulationState:
-        gradient_sum = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype(p)), params)
+        # zeros_like keeps the parameters' sharding (explicit meshes type it).
+        gradient_sum = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=sum_dtype(p)), params)
         return AccumulationState(jnp.zeros([], jnp.int32), gradient_sum, inner.init(params))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         gradient_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), state.gradient_sum, updates)
 
-        def step(gradient_sum):
+        # The updates are an operand, not a constant the branches close over, so that
+        # their zeros keep the updates' sharding.
+        def step(gradient_sum, updates):
             mean = jax.tree.map(lambda s, g: (s / k).astype(g.dtype), gradient_sum, updates)
-            new_updates, inner_state = inner.update(mean, state.inner_state, params)
+            new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
             return new_updates, inner_state, optax.tree.zeros_like(gradient_sum)
 
-        def wait(gradient_sum):
+        def wait(gradient_sum, updates):
             return optax.tree.zeros_like(updates), state.inner_state, gradient_sum
 
         last = state.microbatch == k - 1
-        new_updates, inner_state, gradient_sum = jax.lax.cond(last, step, wait, gradient_sum)
+        new_updates, inner_state, gradient_sum = jax.lax.cond(
+            last, step, wait, gradient_sum, updates
+        )
         microbatch = jnp.where(last, 0, state.microbatch + 1).astype(jnp.int32)
         return new_updates, AccumulationState(microbatch, gradient_sum, inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

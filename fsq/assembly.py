@@ -110,7 +110,9 @@ def _shapes(tree: Any, leading: int = 0) -> list[tuple[int, ...]]:
 def _check_shapes(updates, in_flight, segments, support) -> None:
     """Raises a ``ValueError`` unless ``in_flight`` holds messages shaped like ``updates``."""
     if isinstance(in_flight, pairs.Pairs):
-        fits = support is not None and in_flight.positions.shape[2] == support[0]
+        fits = support is not None and in_flight.positions.shape[2] == pairs.padded(
+            support[0], _axes.model_shards()
+        )
         holds = f"{in_flight.positions.shape[2]} kept entries a message"
     else:
         fits = in_flight.filled.shape[1] == segments and wire.matches(
@@ -204,7 +206,7 @@ def asynchronous(
       >>> updates.shape
       (2,)
     """
-    _checks.transformation("inner", inner)
+    inner = _checks.transformation("inner", inner)
     num_workers = _checks.integer("num_workers", num_workers, low=1)
     names = _axes.normalize(axis_name)
     if not isinstance(seed, jax.core.Tracer):

@@ -64,7 +64,7 @@ class DelayCompensation:
 def constant(strength: float) -> DelayCompensation:
     """DC-ASGD-c with a fixed :math:`\\lambda` = ``strength >= 0``."""
     _checks.real_in_range("compensation", strength, 0.0)
-    return DelayCompensation(float(strength))
+    return DelayCompensation(_checks.scalar(strength))
 
 
 def adaptive(strength: float = 1.0, decay: float = 0.95, eps: float = 1e-7) -> DelayCompensation:
@@ -79,7 +79,9 @@ def adaptive(strength: float = 1.0, decay: float = 0.95, eps: float = 1e-7) -> D
     _checks.real_in_range("strength", strength, 0.0)
     _checks.probability_like("decay", decay)
     _checks.positive("eps", eps)
-    return DelayCompensation(float(strength), True, float(decay), float(eps))
+    return DelayCompensation(
+        _checks.scalar(strength), True, _checks.scalar(decay), _checks.scalar(eps)
+    )
 
 
 def resolve(
@@ -91,7 +93,7 @@ def resolve(
     """
     if compensation is None or isinstance(compensation, DelayCompensation):
         return compensation
-    if compensation == "adaptive":
+    if isinstance(compensation, str) and compensation == "adaptive":
         return adaptive()
     if isinstance(compensation, str):
         raise TypeError(

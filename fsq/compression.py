@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fsq import _checks
+from fsq import _checks, _sharding
 
 __all__ = [
     "Compressor",
@@ -123,7 +123,7 @@ def keep(x: Any, positions: jax.Array) -> Any:
         local = positions - offset
         local = jnp.where((local >= 0) & (local < leaf.size), local, leaf.size)
         mask = jnp.zeros(leaf.size, bool).at[local].set(True, mode="drop")
-        kept.append(jnp.where(mask.reshape(leaf.shape), leaf, 0))
+        kept.append(jnp.where(_sharding.typed_like(mask.reshape(leaf.shape), leaf), leaf, 0))
     return treedef.unflatten(kept)
 
 
@@ -141,11 +141,12 @@ class TopK(Compressor):
         del key
         leaves = jax.tree.leaves(x)
         if not self.per_leaf:
-            flat = jnp.concatenate([jnp.ravel(jnp.abs(leaf)) for leaf in leaves])
+            flat = jnp.concatenate([_sharding.flat(jnp.abs(leaf)) for leaf in leaves])
             return jax.lax.top_k(flat, _count(self.density, flat.size))[1]
         return jnp.concatenate(
             [
-                jax.lax.top_k(jnp.ravel(jnp.abs(leaf)), _count(self.density, leaf.size))[1] + offset
+                jax.lax.top_k(_sharding.flat(jnp.abs(leaf)), _count(self.density, leaf.size))[1]
+                + offset
                 for leaf, offset in zip(leaves, _offsets(leaves), strict=False)
                 if leaf.size
             ],

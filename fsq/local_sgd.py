@@ -80,7 +80,7 @@ def local_sgd(
       >>> print(state.params)  # worker 0 reached 1.5, worker 1 reached 3
       [2.25]
     """
-    _checks.transformation("outer", outer)
+    outer = _checks.transformation("outer", outer)
     options.setdefault("staleness", None)
     options.setdefault("compensation", None)
     piece = transforms.local_steps(local, steps, offset=offset, mixing=mixing)

@@ -74,7 +74,7 @@ def look_ahead(
       >>> print(params)  # w = -0.1, held 2 steps ahead: -0.1 - 2 * 0.1
       [-0.3]
     """
-    _checks.transformation("inner", inner)
+    inner = _checks.transformation("inner", inner)
     _checks.real_in_range("horizon", horizon, 0.0)
 
     def init_fn(params: optax.Params) -> LookAheadState:

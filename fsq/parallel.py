@@ -26,6 +26,13 @@ replicated, and must be the same on every worker (a clear error says otherwise).
 :func:`vmap_workers` is the same mapping of workers for one device, as one optax
 transformation of the workers' stacked gradients.
 
+**A worker as a group of devices.** A mesh may have *model axes* after the worker axis
+(:func:`make_mesh` ``(model_axes=...)``): each worker group is then a slice of the mesh,
+its model sharded over those axes (``param_specs``, the parameters' own shardings, or
+:func:`fsdp`'s rule), the ``shard_map`` manual over the worker axis only, and every
+per-parameter buffer of the optimizer state sharded like its parameter (the
+documentation's "Large models" page).
+
 Example:
   >>> import jax, jax.numpy as jnp, fsq
   >>> tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=8, delay=2,
@@ -62,6 +69,7 @@ from fsq._layout import (
 )
 from fsq._local import WORKER_AXIS, map_placed, starting_workers, vmap_workers, workers_step
 from fsq._sharding import check_mesh, fsdp, model_axes, placed_specs
+from fsq._sharding import parameters as sharded_like
 from fsq.evaluation import evaluator
 
 AXIS_NAME = (DEVICE_AXIS, WORKER_AXIS)
@@ -111,6 +119,10 @@ class DataParallel(NamedTuple):
         axis of ``len(local_workers)``, in the order of ``local_workers``. Each process
         loads only its own workers' data. Single-process jobs can pass numpy batches to
         ``step`` directly.
+      abstract: ``(params, model_state=None) -> TrainState`` of ``jax.ShapeDtypeStruct``
+        leaves, with the shapes and shardings ``init`` would give (``params`` may be
+        abstract too): to compile the step ahead of time without allocating anything,
+        ``dp.step.lower(dp.abstract(params), batch).compile()``, and read its memory.
     """
 
     init: Callable[..., TrainState]
@@ -120,6 +132,7 @@ class DataParallel(NamedTuple):
     backend: str
     local_workers: tuple[int, ...]
     put_batch: Callable[[Any], Any]
+    abstract: Callable[..., TrainState]
 
 
 def data_parallel(
@@ -253,7 +266,7 @@ def data_parallel(
                     f"got shape {x.shape}"
                 )
         carried = (state.params, state.model_state, state.step)
-        with _sharding.parameters(specs_of(state.params) if sharded else None):
+        with sharded_like(specs_of(state.params) if sharded else None):
             (params, model_state), opt_state, out = map_devices(carried, state.opt_state, batch)
         # The state keeps the shardings ``init`` gave it, so the step compiles once.
         opt_state = jax.lax.with_sharding_constraint(opt_state, shardings(opt_state, params))
@@ -300,10 +313,17 @@ def data_parallel(
     def shardings(opt_state, params):
         # Over one device, or for an empty block, XLA gives the replicated sharding: so do
         # we, or the step would see other shardings than init's and compile twice.
-        specs = placed_specs(opt_state, params, specs_of(params), split=num_devices > 1)
+        specs = placed_specs(
+            opt_state,
+            params,
+            specs_of(params),
+            split=num_devices > 1,
+            model={name: mesh.shape[name] for name in model_axes(mesh)},
+        )
         return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
 
-    def init(params: optax.Params, model_state: Any = None) -> TrainState:
+    def placed(params, model_state):
+        """The shapes and shardings of the state ``init`` makes."""
         if sharded:
             resolved["params"] = _sharding.param_specs(params, param_specs, mesh)
         shapes = jax.eval_shape(init_state, params, model_state)
@@ -311,7 +331,19 @@ def data_parallel(
             params=param_shardings(shapes.params),
             opt_state=shardings(shapes.opt_state, shapes.params),
         )
+        return shapes, out
+
+    def init(params: optax.Params, model_state: Any = None) -> TrainState:
+        _, out = placed(params, model_state)
         return jax.jit(init_state, out_shardings=out)(params, model_state)
+
+    def abstract(params: optax.Params, model_state: Any = None) -> TrainState:
+        shapes, out = placed(params, model_state)
+        return jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            shapes,
+            out,
+        )
 
     local_workers, put_batch = batch_placer(mesh, num_workers)
     if donate_params:
@@ -333,6 +365,7 @@ def data_parallel(
         backend,
         local_workers,
         put_batch,
+        abstract,
     )
 
 
@@ -384,6 +417,7 @@ __all__ = [
     "fsdp",
     "make_mesh",
     "model_axes",
+    "sharded_like",
     "per_device",
     "vmap_workers",
     "worker_ids",

@@ -26,6 +26,12 @@ leaves it holds, passing the others through), and :func:`fsq.parallel.workers_st
 takes each worker's gradient there. Memory: its copy is per worker, :math:`W/D` copies
 per device.
 
+On a sharded model (:mod:`fsq.parallel` with model axes) a part of the state shaped like
+the parameters is sharded like them. A per-device buffer not shaped like them (sparse
+messages held as pairs, :mod:`fsq.transforms.pairs`) may instead name, in the class
+attribute ``over_model_shards``, the fields whose leaves' last axis is divided among the
+model shards of a worker group (:func:`over_model_shards`).
+
 Example:
   >>> from typing import NamedTuple
   >>> import jax.numpy as jnp, fsq
@@ -48,7 +54,15 @@ PER_DEVICE = "per_device"
 PER_WORKER = "per_worker"
 PLACEMENTS = (PER_DEVICE, PER_WORKER)
 
-__all__ = ["PER_DEVICE", "PER_WORKER", "PLACEMENTS", "PerDevice", "PerWorker", "placement_of"]
+__all__ = [
+    "PER_DEVICE",
+    "PER_WORKER",
+    "PLACEMENTS",
+    "PerDevice",
+    "PerWorker",
+    "over_model_shards",
+    "placement_of",
+]
 
 
 class PerDevice(NamedTuple):
@@ -76,3 +90,9 @@ def placement_of(state: Any) -> str | None:
 def is_declared(state: Any) -> bool:
     """Whether ``state`` declares a placement (a leaf for tree maps over placements)."""
     return placement_of(state) is not None
+
+
+def over_model_shards(state: Any) -> tuple[str, ...]:
+    """The fields of ``state`` whose leaves' last axis a worker group's model shards divide
+    among them (its class attribute ``over_model_shards``; ``()`` if it has none)."""
+    return tuple(getattr(type(state), "over_model_shards", ()))

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
@@ -33,3 +34,23 @@ def test_example_loss_goes_down(script, tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 1 + 40
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+
+
+def test_the_large_model_example_trains_sharded_worker_groups():
+    """examples/large_model.py at its tiny size: 2 worker groups x 4 shards of 8 devices,
+    each device holding a quarter of the parameters; the steps run and deliver."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "large_model.py"), "--tiny", "--steps", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 workers x 4 shards on 8 devices" in result.stdout, result.stdout
+    assert "(4x less than a copy)" in result.stdout, result.stdout
+    losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", result.stdout)]
+    delivered = [int(x) for x in re.findall(r"delivered=(\d+)", result.stdout)]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert sum(delivered) > 0

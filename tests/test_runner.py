@@ -75,6 +75,16 @@ def test_any_device_count_gives_the_records_of_eight(devices, eight, tmp_path):
     assert_same_records(got, records_of(eight[0])[1], rtol=1e-5)
 
 
+def test_sharded_models_give_the_records_of_replicated_ones(eight, tmp_path):
+    """--model-shards 2: each worker group 2 devices, the models sharded over them; the
+    same runs to float32 rounding, and the setting recorded for rerun."""
+    run([*TINY, "--devices", "8", "--model-shards", "2", "--out", str(tmp_path)])
+    meta, got = records_of(tmp_path)
+    assert meta["model_shards"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["model_shards"] == 2
+    assert_same_records(got, records_of(eight[0])[1], rtol=1e-5)
+
+
 def test_auto_says_it_simulates_eight_devices_without_an_accelerator(tmp_path):
     stdout = run([*TINY, "--out", str(tmp_path)])
     assert stdout.splitlines()[0] == (

@@ -50,6 +50,10 @@ FEATURES = {
     "top-k per leaf with error feedback": lambda: flying(
         delay=U(3), compression=fsq.compression.top_k(0.25, per_leaf=True)
     ),
+    # 97 pairs a message: 4 shards hold 25 each, the last three padding.
+    "top-k held as pairs, a count the shards do not divide": lambda: flying(
+        delay=U(3), compression=fsq.compression.top_k(0.15, per_leaf=True), in_flight="pairs"
+    ),
     "median": lambda: flying(delay=U(2), aggregation="median", compensation=None),
     "crashes and drops": lambda: flying(
         delay=U(3), faults=[fsq.faults.drops(0.25), fsq.faults.crash([5], at=2)]
@@ -95,14 +99,19 @@ def padded(spec, ndim):
 def assert_sharded_like_the_params(state, specs):
     """Every leaf of the optimizer state that ends with a parameter's shape (the longest
     such) carries that parameter's spec on those dimensions; every other leaf is small
-    bookkeeping."""
+    bookkeeping, or divided among all 8 devices (sparse messages held as pairs)."""
     shapes = [np.shape(p) for p in jax.tree.leaves(init_params())]
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
         ends = [i for i, s in enumerate(shapes) if s and leaf.shape[-len(s) :] == s]
         if not leaf.size:  # empty (a ring without delays): XLA replicates it
             continue
         if not ends:
-            assert leaf.size <= 64 * W, (jax.tree_util.keystr(path), leaf.shape)
+            share = leaf.addressable_shards[0].data.size
+            assert leaf.size <= 64 * W or share * 8 == leaf.size, (
+                jax.tree_util.keystr(path),
+                leaf.shape,
+                leaf.sharding.spec,
+            )
             continue
         i = max(ends, key=lambda i: len(shapes[i]))
         got = padded(leaf.sharding.spec, leaf.ndim)[leaf.ndim - len(shapes[i]) :]
@@ -116,6 +125,7 @@ def assert_sharded_like_the_params(state, specs):
         ("defaults, uniform delays", {"fsdp": 4}),
         ("defaults, uniform delays", {"fsdp": 2, "tensor": 2}),
         ("top-k per leaf with error feedback", {"fsdp": 2}),
+        ("top-k held as pairs, a count the shards do not divide", {"fsdp": 4}),
         ("median", {"fsdp": 4}),
         ("crashes and drops", {"fsdp": 2}),
         ("compute model, synchronous", {"fsdp": 4}),
@@ -297,3 +307,68 @@ def test_bad_shardings_are_named_at_init(specs, options, match):
     )
     with pytest.raises(ValueError, match=match):
         dp.init(init_params())
+
+
+# --- Memory ------------------------------------------------------------------------------
+
+
+def memory_features(name):
+    import benchmarks.memory as memory
+
+    return next(f for f in memory.feature_sets(fsq, jnp, optax) if f.name == name)
+
+
+def per_device(tree):
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "uniform(16), defaults",
+        "uniform(16), top-k 1% + EF, pairs",
+        "uniform(16), median",
+        "DiLoCo, H = 50 (AdamW inner)",
+    ],
+)
+def test_the_state_per_device_is_the_documented_formula_over_the_shards(name):
+    """8 workers on 8 devices in groups of S, S in {1, 2, 4, 8}: the bytes of state one
+    device holds, from its shards, against benchmarks.memory's formula (docs)."""
+    import benchmarks.memory as memory
+    from benchmarks import mlp
+
+    features = memory_features(name)
+    params = mlp.init((64, 128, 128, 16))  # every dimension divisible by 8
+    num_params = mlp.num_params(params)
+    kept = memory.kept_entries(features, params, fsq)
+    for shards in (1, 2, 4, 8):
+        mesh = fsq.parallel.make_mesh(8, model_axes={"fsdp": shards})
+        dp = fsq.parallel.data_parallel(
+            mlp.loss, features.make(fsq.adam(1e-3), W), num_workers=W, mesh=mesh
+        )
+        held = per_device(dp.init(params))
+        want = memory.formula(features, num_params, shards, W // (8 // shards), W, kept)
+        assert abs(held / want - 1) < 0.05, (shards, held, want)
+
+
+def test_a_bfloat16_ring_halves_the_ring_and_pairs_take_a_tenth_of_the_rows():
+    from benchmarks import mlp
+
+    params = mlp.init((64, 128, 128, 16))
+
+    def ring(mesh, **options):
+        tx = fsq.flying_squirrel(
+            fsq.adam(1e-3), num_workers=W, axis_name=AXIS, delay=U(16), **options
+        )
+        dp = fsq.parallel.data_parallel(mlp.loss, tx, num_workers=W, mesh=mesh)
+        return per_device(dp.init(params).opt_state.in_flight)
+
+    # 4 workers a group: of one device each, and of 4 model shards each.
+    for mesh in fsq.parallel.make_mesh(2), fsq.parallel.make_mesh(8, model_axes={"fsdp": 4}):
+        float32, bfloat16 = ring(mesh), ring(mesh, in_flight_dtype=jnp.bfloat16)
+        assert 0.5 <= bfloat16 / float32 < 0.501  # the totals and marks stay as they are
+        top_k = fsq.compression.top_k(0.01, per_leaf=True)
+        plain = {"compression": top_k, "staleness": None, "compensation": None}
+        rows = ring(mesh, in_flight="rows", **plain)
+        held = ring(mesh, **plain)  # auto: pairs
+        assert held / rows <= 0.10, (mesh.shape, held / rows)

@@ -248,7 +248,7 @@ def clock(
         raise TypeError(f"compute must be a fsq.timing compute model, got {compute!r}")
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a fsq.timing policy, got {policy!r}")
-    seconds = float(_checks.positive("tick_seconds", tick_seconds))
+    seconds = _checks.scalar(_checks.positive("tick_seconds", tick_seconds))
 
     def check(num_workers: int) -> None:
         if compute.num_workers not in (None, num_workers):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsq import _sharding
 from fsq.compensation import DelayCompensation
 from fsq.transforms.message import DeliverTransformation, SendTransformation, accumulation_dtype
 
@@ -95,7 +96,7 @@ def compensate(config: DelayCompensation) -> DeliverTransformation:
         if not config.adaptive:
             return CompensationState(optax.EmptyState())
         dtype = accumulation_dtype(params)
-        return CompensationState(jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params))
+        return CompensationState(jax.tree.map(lambda p: _sharding.zeros((), p, dtype), params))
 
     def update(arrival, state, params, context):
         del context

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fsq import _axes, _random
+from fsq import _axes, _random, _sharding
 from fsq.compression import Compressor, keep
 from fsq.transforms.message import SendTransformation, accumulation_dtype
 
@@ -73,7 +73,7 @@ def compress(compressor: Compressor) -> SendTransformation:
         if not feedback:
             return optax.EmptyState()
         dtype = accumulation_dtype(params)
-        return ErrorFeedbackState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), dtype), params))
+        return ErrorFeedbackState(jax.tree.map(lambda p: _sharding.zeros((), p, dtype), params))
 
     def update(message, state, params, context):
         del params

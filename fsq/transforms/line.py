@@ -109,7 +109,15 @@ class DelayLine:
         low, high = span
         row = wire.like(like, num_channels, self.dtype or dtype, dtype)
         if self.as_pairs(row, high, segments, num_local, support):
-            return pairs.init(high, num_local, support[0], num_channels, self.dtype or dtype, dtype)
+            return pairs.init(
+                high,
+                num_local,
+                support[0],
+                num_channels,
+                self.dtype or dtype,
+                dtype,
+                _axes.model_shards(),
+            )
         return ring.init(high, row, early=low > 0, segments=segments)
 
     def as_pairs(
@@ -122,7 +130,8 @@ class DelayLine:
     ) -> bool:
         """Whether sparse messages are held as pairs (:mod:`fsq.transforms.pairs`): with
         the dense exchange and the mean, where that takes fewer bytes than dense rows
-        (``hold="auto"``), or always (``"pairs"``)."""
+        (``hold="auto"``, the bytes one model shard holds of each), or always
+        (``"pairs"``)."""
         if self.hold == "rows":
             return False
         possible = support is not None and num_local is not None and max_delay
@@ -139,8 +148,11 @@ class DelayLine:
         dense = (max_delay + 1) * sum(
             int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)
         )
-        held = pairs.nbytes(max_delay, num_local, support[0], len(row.channels), row_dtype(row))
-        return held < dense
+        shards = _axes.model_shards()
+        held = pairs.nbytes(
+            max_delay, num_local, support[0], len(row.channels), row_dtype(row), shards
+        )
+        return held < dense / shards
 
     def sums_dtype(self, in_flight: ring.InFlight | pairs.Pairs) -> jnp.dtype:
         """The dtype sums of messages are formed in (that of their totals)."""

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fsq import _checks
+from fsq import _checks, _sharding
 from fsq.transforms.message import (
     SendTransformation,
     Status,
@@ -173,10 +173,12 @@ def local_steps(
       IDLE [0.5]
       SENT [2.]
     """
-    _checks.transformation("local", local)
+    local = _checks.transformation("local", local)
     per_worker = _steps(steps)
     offset = _checks.integer("offset", offset, low=0, high=min(per_worker) - 1)
-    alpha = None if mixing is None else float(_checks.real_in_range("mixing", mixing, 0.0, 1.0))
+    if mixing is not None:
+        mixing = _checks.scalar(_checks.real_in_range("mixing", mixing, 0.0, 1.0))
+    alpha = mixing
 
     def worker_steps(context) -> jax.Array:
         if len(per_worker) == 1:
@@ -196,7 +198,7 @@ def local_steps(
                 "pseudo-gradient is applied"
             )
         dtype = accumulation_dtype(params)
-        progress = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+        progress = jax.tree.map(lambda p: _sharding.zeros((), p, dtype), params)
         first = (min(per_worker) - offset) % min(per_worker)
         return LocalState(
             local_state=local.init(params),

@@ -30,7 +30,7 @@ def worker_momentum(beta: float) -> SendTransformation:
       >>> print(m.gradient)  # 0.5 * 0 + 0.5 * 4
       [2.]
     """
-    beta = float(_checks.probability_like("beta", beta))
+    beta = _checks.scalar(_checks.probability_like("beta", beta))
     lifted = on_gradient(optax.ema(beta, debias=False))
 
     def init(params):

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from fsq.placement import PER_DEVICE
+from fsq.transforms import ring
 from fsq.transforms.wire import NUM_TOTALS, Row
 
 NOT_DUE = -1  # the due step of an empty slot
@@ -64,6 +65,14 @@ class Pairs(NamedTuple):
     totals: jax.Array
     due_at: jax.Array
     placement = PER_DEVICE
+    # On a sharded model each of a group's shards holds a part of every message's pairs.
+    over_model_shards = ("positions", "values")
+
+
+def padded(count: int, shards: int) -> int:
+    """``count`` pairs a message, rounded up to a multiple of ``shards`` (the model shards
+    that divide them); a padding pair adds zero at position 0."""
+    return -(-count // shards) * shards
 
 
 def init(
@@ -73,10 +82,12 @@ def init(
     num_channels: int,
     dtype: jnp.dtype,
     totals_dtype: jnp.dtype,
+    shards: int = 1,
 ) -> Pairs:
     """An empty buffer for ``num_local`` workers' messages of ``count`` pairs each, delays
-    up to ``max_delay``; values stored in ``dtype``, totals in ``totals_dtype``."""
-    shape = (max_delay + 1, num_local, count)
+    up to ``max_delay``; values stored in ``dtype``, totals in ``totals_dtype``; room for
+    :func:`padded` pairs, so that ``shards`` model shards hold equal parts of them."""
+    shape = (max_delay + 1, num_local, padded(count, shards))
     return Pairs(
         jnp.zeros(shape, jnp.int32),
         tuple(jnp.zeros(shape, dtype) for _ in range(num_channels)),
@@ -85,9 +96,13 @@ def init(
     )
 
 
-def nbytes(max_delay: int, num_local: int, count: int, num_channels: int, dtype) -> int:
-    """The bytes of :func:`init`'s buffer, totals in float32."""
-    per_message = count * (4 + num_channels * jnp.dtype(dtype).itemsize) + 4 * NUM_TOTALS + 4
+def nbytes(
+    max_delay: int, num_local: int, count: int, num_channels: int, dtype, shards: int = 1
+) -> int:
+    """The bytes of :func:`init`'s buffer that one of ``shards`` model shards holds, totals
+    in float32."""
+    pair = 4 + num_channels * jnp.dtype(dtype).itemsize
+    per_message = padded(count, shards) // shards * pair + 4 * NUM_TOTALS + 4
     return (max_delay + 1) * num_local * per_message
 
 
@@ -110,8 +125,10 @@ def write(
         slots = jnp.arange(num_local)
 
     def put(x, new):
-        whole = jnp.zeros(x.shape[1:], x.dtype).at[slots].set(new.astype(x.dtype))
-        return lax.dynamic_update_index_in_dim(x, whole, row, 0)
+        whole = jnp.zeros(x.shape[1:], x.dtype)
+        whole = whole.at[slots, ..., : new.shape[-1]].set(new.astype(x.dtype))
+        at = (row,) + (jnp.int32(0),) * (x.ndim - 1)
+        return ring.update_slice(x, whole[None], at)
 
     due_at = jnp.full((num_local,), NOT_DUE, jnp.int32).at[slots].set(step + delays)
     return Pairs(

@@ -12,8 +12,6 @@ since :math:`0 \cdot x` is 0 for finite :math:`x` and NaN otherwise.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,14 +22,16 @@ from fsq.transforms.message import SendTransformation, Status
 def all_finite(tree: optax.Updates) -> jax.Array:
     """Whether every entry of ``tree`` is finite (a bool scalar; true for an empty tree).
 
-    ``sum(g @ 0)`` as a matrix-vector product (rows of up to 1024 entries, so the zero
-    vector stays small) is one multithreaded pass over ``g``, much faster on CPU than
-    reducing the boolean mask ``isfinite(g)`` (see the documentation's performance page).
+    ``sum(g @ 0)``, a product with zeros over each leaf's last axis, is one multithreaded
+    pass over ``g``, much faster on CPU than reducing the boolean mask ``isfinite(g)``
+    (see the documentation's performance page); it keeps the leaf's shape, and so its
+    sharding.
     """
 
     def zero_or_nan(g):
-        width = math.gcd(g.size, 1024) or 1  # a power of two that divides the size
-        return jnp.sum(g.reshape(-1, width) @ jnp.zeros(width, g.dtype))
+        if not g.ndim:
+            return g * 0
+        return jnp.sum(g @ jnp.zeros(g.shape[-1], g.dtype))
 
     return jnp.isfinite(sum((zero_or_nan(g) for g in jax.tree.leaves(tree)), jnp.float32(0)))
 

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fsq import _sharding
 from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE
 from fsq.transforms.wire import Row
@@ -129,7 +130,7 @@ def init(max_delay: int, like: Row, early: bool = False, segments: int = 1) -> I
     rows = 0 if not max_delay else max_delay if early else max_delay + 1
 
     def zeros(count):
-        return jax.tree.map(lambda x: jnp.zeros((count, segments, *x.shape), x.dtype), like)
+        return jax.tree.map(lambda x: _sharding.zeros((count, segments), x, x.dtype), like)
 
     due = zeros(1) if max_delay and early else None
     return InFlight(zeros(rows), jnp.zeros((rows, segments), jnp.bool_), due)
@@ -169,7 +170,12 @@ def read(due: Due, select: Callable[[Row], Any] = lambda row: row) -> Any:
     due = computed(due)
     index = jnp.asarray(due.index, jnp.int32)
     part = select(due.row)
-    part = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, index, 0, keepdims=False), part)
+
+    def row(x):
+        at = (index,) + (jnp.int32(0),) * (x.ndim - 1)
+        return read_slice(x, at, (1, *x.shape[1:]))[0]
+
+    part = jax.tree.map(row, part)
     return part if due.filled is None else _marked(part, due.filled)
 
 
@@ -211,6 +217,32 @@ def _store(total: jax.Array, like: jax.Array) -> jax.Array:
     return total.astype(like.dtype)
 
 
+def _bits(x: jax.Array) -> jax.Array | None:
+    """An integer view of a 16-bit float array (``None`` for other dtypes): XLA moves its
+    bits where a CPU, which computes 16-bit floats in float32, would convert the whole
+    array to float32 and back to read or write a slice of it."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        return lax.bitcast_convert_type(x, jnp.uint16)
+    return None
+
+
+def update_slice(buffer: jax.Array, value: jax.Array, at: tuple) -> jax.Array:
+    """``buffer`` with ``value`` written at ``at`` (a dynamic update slice), in place."""
+    bits = _bits(buffer)
+    if bits is None:
+        return lax.dynamic_update_slice(buffer, value, at)
+    updated = lax.dynamic_update_slice(bits, _bits(value.astype(buffer.dtype)), at)
+    return lax.bitcast_convert_type(updated, buffer.dtype)
+
+
+def read_slice(buffer: jax.Array, at: tuple, sizes: tuple) -> jax.Array:
+    """``buffer``'s slice of ``sizes`` at ``at`` (a dynamic slice), read in place."""
+    bits = _bits(buffer)
+    if bits is None:
+        return lax.dynamic_slice(buffer, at, sizes)
+    return lax.bitcast_convert_type(lax.dynamic_slice(bits, at, sizes), buffer.dtype)
+
+
 def add_messages(pieces: Row, delays: jax.Array, step: jax.Array, apart: bool) -> Write:
     """The write of a device's messages at ``step``: local worker ``i``'s message is
     ``pieces`` at ``i`` (leaves ``[L, *shape]``, in the dtype sums are formed in), due
@@ -236,10 +268,10 @@ def add_messages(pieces: Row, delays: jax.Array, step: jax.Array, apart: bool) -
             for k, part in enumerate(parts):
                 slot = leaves[k]
                 at = (rows[i], jnp.int32(segments[i])) + (jnp.int32(0),) * (slot.ndim - 2)
-                old = lax.dynamic_slice(slot, at, (1, 1, *slot.shape[2:]))
+                old = read_slice(slot, at, (1, 1, *slot.shape[2:]))
                 kept = jnp.where(held[i], old, 0).astype(part.dtype)
                 total = _store(kept + part[i][None, None], slot)
-                leaves[k] = lax.dynamic_update_slice(slot, total, at)
+                leaves[k] = update_slice(slot, total, at)
         return treedef.unflatten(leaves), marks
 
     return write

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fsq import _sharding
 from fsq.aggregation import Aggregation
 from fsq.transforms.message import DeliverTransformation, accumulation_dtype
 
@@ -65,6 +66,10 @@ def aggregate(
 
     votes = Votes(jax.tree.map(latest, sums, votes.latest), jnp.where(fresh, step, votes.at))
     reduced = rule.reduce(votes.latest, step - votes.at <= horizon)
+    # Sharded like the votes (a reduction over the workers may come back replicated).
+    reduced = jax.tree.map(
+        lambda r, v: _sharding.typed_like(r, v, leading=1), reduced, votes.latest
+    )
     return jax.tree.map(lambda x: x * jnp.sum(weights), reduced), votes
 
 
@@ -89,9 +94,7 @@ def robust(rule: Aggregation) -> DeliverTransformation:
 
     def init(params, layout):
         dtype = accumulation_dtype(params)
-        channel = jax.tree.map(
-            lambda p: jnp.zeros((layout.num_workers, *jnp.shape(p)), dtype), params
-        )
+        channel = jax.tree.map(lambda p: _sharding.zeros((layout.num_workers,), p, dtype), params)
         return Votes(
             (channel,) * layout.num_channels, jnp.full((layout.num_workers,), NEVER, jnp.int32)
         )

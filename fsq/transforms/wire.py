@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fsq import _sharding
 from fsq.transforms.message import Message, Totals, totals_of
 
 NUM_TOTALS = len(Totals._fields)
@@ -67,7 +68,9 @@ def parts(message: Message, dtype: jnp.dtype) -> Row:
 def like(updates: optax.Updates, num_channels: int, dtype: jnp.dtype, totals_dtype: jnp.dtype):
     """The shapes of a row of ``num_channels`` channels shaped like ``updates``, held in
     ``dtype`` (``jax.ShapeDtypeStruct`` leaves; the totals in ``totals_dtype``)."""
-    channel = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), dtype), updates)
+    channel = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), dtype, sharding=_sharding.typed(x)), updates
+    )
     return Row((channel,) * num_channels, jax.ShapeDtypeStruct((NUM_TOTALS,), totals_dtype))
 
 
