@@ -15,7 +15,6 @@ import optax
 from fsq import _checks
 from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
-from fsq.transforms.clock import Schedule, starting
 
 WORKER_AXIS = "workers"
 
@@ -129,12 +128,16 @@ def vmap_workers(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _says_who_starts(state: Any) -> bool:
+    return callable(getattr(type(state), "starting_workers", None))
+
+
 def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
-    """Which of the workers ``ids`` start a job at the coming step, by the clock in
-    ``opt_state`` (:func:`fsq.transforms.clock`); ``None`` if there is no clock."""
-    schedules = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, Schedule))
-    schedules = [s for s in schedules if isinstance(s, Schedule)]
-    return starting(schedules[0])[ids] if schedules else None
+    """Which of the workers ``ids`` start a job at the coming step, ``None`` when they all
+    do: read from the part of ``opt_state`` that says so with a ``starting_workers() ->
+    [W]`` method (a clock, :func:`fsq.transforms.clock`), whatever its type."""
+    said = [x for x in jax.tree.leaves(opt_state, is_leaf=_says_who_starts) if _says_who_starts(x)]
+    return said[0].starting_workers()[ids] if said else None
 
 
 def _holds_params(state: Any) -> bool:
@@ -162,20 +165,19 @@ def worker_parameters(opt_state: Any, params: Any) -> Any | None:
     return jax.vmap(of_worker)(holders)
 
 
-def check_loss(
-    loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any, has_aux: bool = False
-) -> None:
-    """Raises a ``TypeError`` naming the fix unless ``loss_fn`` returns one scalar loss
-    (with ``has_aux``, a pair ``(loss, aux)``)."""
-    out = jax.eval_shape(loss_fn, params, worker_batch)
+def check_output(out: Any, has_aux: bool) -> None:
+    """Raises a ``TypeError`` naming the fix unless ``out`` (what ``loss_fn`` returned for
+    one worker's batch, arrays or shapes) is one scalar loss, or with ``has_aux`` a pair
+    ``(loss, aux)``."""
+    shapes = jax.tree.map(jnp.shape, out)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(
                 "with has_aux=True, loss_fn must return a pair (loss, aux) for one worker's "
-                f"batch, got {jax.tree.map(lambda x: x.shape, out)}"
+                f"batch, got {shapes}: return the loss alone without has_aux"
             )
         out = out[0]
-    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+    if not (hasattr(out, "shape") and hasattr(out, "dtype")) or jnp.shape(out) != ():
         hint = (
             "return one scalar loss"
             if has_aux
@@ -183,9 +185,15 @@ def check_loss(
             "metrics such as accuracy in aux (returned stacked over the workers)"
         )
         raise TypeError(
-            "loss_fn must return one scalar loss for one worker's batch, got "
-            f"{jax.tree.map(lambda x: x.shape, out)}: {hint}"
+            f"loss_fn must return one scalar loss for one worker's batch, got {shapes}: {hint}"
         )
+
+
+def check_loss(
+    loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any, has_aux: bool = False
+) -> None:
+    """:func:`check_output` of ``loss_fn`` on one worker's batch, by its shapes."""
+    check_output(jax.eval_shape(loss_fn, params, worker_batch), has_aux)
 
 
 def _blank(x: Any) -> jax.Array:

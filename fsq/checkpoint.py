@@ -119,8 +119,21 @@ def _check_layout(saved: dict, wanted: dict, where: str) -> None:
         if saved[name] != (shape, dtype):
             raise ValueError(
                 f"{where} does not match the state to restore into: {name} is "
-                f"{saved[name][0]} {saved[name][1]} in the checkpoint, {shape} {dtype} here"
+                f"{saved[name][0]} {saved[name][1]} in the checkpoint, {shape} {dtype} here. "
+                f"Was it saved with another {_likely_cause(name)}?"
             )
+
+
+def _likely_cause(name: str) -> str:
+    """The settings that shape the state's part ``name``, for a mismatch's message."""
+    if "in_flight" in name:
+        return (
+            "largest delay (the messages in flight hold max_delay + 1 rows), number of "
+            "workers or devices, compression or in_flight_dtype"
+        )
+    if name.startswith("params") or name.startswith("model_state"):
+        return "model"
+    return "optimizer, number of workers or devices"
 
 
 def restore(directory: PathLike, like: Any, *, step: int | None = None) -> Any:

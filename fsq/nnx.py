@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fsq import parallel
+from fsq._local import check_output
 from fsq.evaluation import evaluator
 from fsq.metrics import step_metrics
 
@@ -127,6 +128,7 @@ class DataParallel:
             copy.train()
             nnx.reseed(copy, **{n: jax.random.fold_in(key, zlib.crc32(n.encode())) for n in names})
             out = loss_fn(copy, batch)
+            check_output(out, has_aux)  # before its parts are taken apart below
             if model_state is None:
                 return out
             new_state = nnx.split(copy, *self._filters)[3]

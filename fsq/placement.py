@@ -24,7 +24,9 @@ A per-worker state may also hold its worker's **own parameters** (local steps,
 the parameters its worker computes its gradient at given the global ones (replacing the
 leaves it holds, passing the others through), and :func:`fsq.parallel.workers_step`
 takes each worker's gradient there. Memory: its copy is per worker, :math:`W/D` copies
-per device.
+per device. Likewise a state that knows which workers compute at the coming step (a
+clock, :func:`fsq.transforms.clock`) defines ``starting_workers() -> [W]`` booleans, and
+:func:`fsq.parallel.workers_step` computes only those workers' gradients.
 
 On a sharded model (:mod:`fsq.parallel` with model axes) a part of the state shaped like
 the parameters is sharded like them. A per-device buffer not shaped like them (sparse

@@ -13,6 +13,7 @@ import pytest
 import fsq
 
 SCRIPT = pathlib.Path(__file__).with_name("resume_script.py")
+AXIS = fsq.parallel.AXIS_NAME
 
 
 def run_script(mode, directory):
@@ -95,3 +96,16 @@ def test_a_synchronous_state_with_empty_buffers_round_trips(tmp_path):
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(got, want)
         assert got.shape == want.shape
+
+
+def test_a_checkpoint_of_another_largest_delay_names_the_likely_cause(tmp_path):
+    def trained_state(max_delay):
+        tx = fsq.flying_squirrel(
+            fsq.sgd(0.1), num_workers=8, delay=fsq.delays.uniform(max_delay), axis_name=AXIS
+        )
+        dp = fsq.parallel.data_parallel(lambda w, x: jnp.sum((w - x) ** 2), tx, num_workers=8)
+        return dp.init(jnp.zeros(3))
+
+    fsq.checkpoint.save(tmp_path, 0, trained_state(4))
+    with pytest.raises(ValueError, match=r"in_flight.* another largest delay"):
+        fsq.checkpoint.restore(tmp_path, trained_state(8))

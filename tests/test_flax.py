@@ -423,6 +423,13 @@ def test_checkpoint_of_an_nnx_trainer_in_a_chain_resumes_bitwise(tmp_path):
     fresh = trainer_of(cnn())
     fresh.state = fsq.checkpoint.restore(tmp_path, fresh.state)
     assert int(fresh.state.step) == 2
+    # The model itself holds the restored values at once, before any step.
+    for kind in (nnx.Param, nnx.BatchStat):
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            nnx.state(fresh.model, kind),
+            nnx.state(resumed.model, kind),
+        )
     for t in range(2, 4):
         fresh.step(images(t))
     for kind in (nnx.Param, nnx.BatchStat):
@@ -465,6 +472,22 @@ def test_a_loss_of_the_wrong_form_names_the_fix(loss_fn, has_aux, match):
     )
     with pytest.raises(TypeError, match=match):
         trainer.step(mlp_batch(0))
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "has_aux", "match"),
+    [
+        (lambda m, b: (cross_entropy(m, b), jnp.zeros(())), False, r"pass has_aux=True"),
+        (cross_entropy, True, r"has_aux=True, loss_fn must return a pair"),
+    ],
+)
+def test_a_loss_of_the_wrong_form_names_the_fix_with_model_state(loss_fn, has_aux, match):
+    """The same errors for a model with state of its own (BatchNorm), whose loss the
+    trainer takes apart before the step's own check could see it."""
+    tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=W, axis_name=AXIS)
+    trainer = fsq.nnx.DataParallel(cnn(), tx, loss_fn, num_workers=W, has_aux=has_aux)
+    with pytest.raises(TypeError, match=match):
+        trainer.step(images(0))
 
 
 def test_bad_arguments_raise_clearly(tmp_path):

@@ -189,3 +189,28 @@ def test_the_console_script_runs_from_any_directory(tmp_path):
     assert "``" not in result.stdout and ":data:" not in result.stdout  # no Sphinx markup
     run([*TINY, "--out", "here"], cwd=tmp_path)  # python -m experiments, outside the repo
     assert (tmp_path / "here" / "report.md").exists()
+
+
+def test_progress_names_each_item_readably_with_its_place():
+    from experiments.studies import base
+
+    class Method:
+        def __repr__(self):
+            return "Method(make_tx=<function <lambda> at 0x7f>)"
+
+    assert base.label(("label-sorted", "top-k 1% + EF")) == "label-sorted / top-k 1% + EF"
+    assert base.label(("DiLoCo", Method())) == "DiLoCo"
+    assert base.label((0.1, 16)) == "0.1 / 16"
+    assert base.label(Method()) == "Method"
+    shown = []
+
+    class Bar:
+        def set_postfix_str(self, text, refresh):
+            shown.append(text)
+
+    token = base._BAR.set(Bar())
+    try:
+        assert list(base.progress(["a", "b"], None, "study")) == ["a", "b"]
+    finally:
+        base._BAR.reset(token)
+    assert shown == ["a (1/2)", "b (2/2)"]

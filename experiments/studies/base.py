@@ -81,13 +81,27 @@ def step_bar(name: str, enabled: bool) -> Iterator[Any]:
         bar.close()
 
 
+def label(item: Any) -> str:
+    """A short readable name of a study's item: strings and numbers as they are; a
+    tuple's strings and numbers joined by " / " (its other parts, such as the method
+    its name names, left out); an object by its ``name`` (or its type)."""
+    if isinstance(item, tuple):
+        named = [x for x in item if isinstance(x, str | int | float)] or list(item)
+        return " / ".join(label(x) for x in named)
+    if isinstance(item, str | int | float):
+        return f"{item:g}" if isinstance(item, float) else str(item)
+    return str(getattr(item, "name", type(item).__name__))
+
+
 def progress(items: Iterable[T], settings: Settings, desc: str) -> Iterator[T]:
-    """``items``, each named beside the study's step bar while it runs."""
+    """``items``, each named beside the study's step bar while it runs, with its place
+    among them (``k/n``)."""
     del settings, desc  # the bar is the study's (step_bar)
     bar = _BAR.get()
-    for item in items:
+    items = list(items)
+    for k, item in enumerate(items, 1):
         if bar is not None:
-            bar.set_postfix_str(str(item), refresh=True)
+            bar.set_postfix_str(f"{label(item)} ({k}/{len(items)})", refresh=True)
         yield item
 
 

@@ -90,6 +90,15 @@ class Schedule(NamedTuple):
     applied_work: jax.Array
     utilisation: jax.Array
 
+    def starting_workers(self) -> jax.Array:
+        """``[W]``: which workers start a job at the coming step of the training loop, so
+        that the loop need not compute the others' gradients (they would not be sent).
+
+        The protocol :func:`fsq.parallel.workers_step` reads (:mod:`fsq.placement`): any
+        state with this method says who computes at the coming step."""
+        rows = self.arrival.shape[0]
+        return self.arrival[(self.tick - rows + 1) % rows] >= 0
+
 
 def window(compute: ComputeModel, policy: Policy, link_max: int) -> int:
     """The most ticks from a job's start to the tick it is applied or discarded."""
@@ -199,13 +208,6 @@ def advance(state: Schedule, compute: ComputeModel, policy: Policy, context) -> 
     state = _decide(_start(state, policy, compute, context, tick), policy, tick)
     stepped = jnp.any((state.decided == tick) & state.applied)
     return state._replace(tick=tick + 1, steps=state.steps + stepped)
-
-
-def starting(state: Schedule) -> jax.Array:
-    """``[W]``: which workers start a job at the coming step of the training loop, so that
-    the loop need not compute the others' gradients (they would not be sent)."""
-    rows = state.arrival.shape[0]
-    return state.arrival[(state.tick - rows + 1) % rows] >= 0
 
 
 def clock(
