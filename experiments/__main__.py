@@ -38,10 +38,31 @@ CONFIG_JSON = "config.json"
 AUTO_CPU_DEVICES = 8  # simulated when no accelerator is found
 
 
+def summary(name: str) -> str:
+    """What study ``name`` measures: its module's first docstring line, after the name."""
+    first = (STUDIES[name].module.__doc__ or "").strip().splitlines()[0]
+    return first.partition(": ")[2] or first
+
+
+def studies_help() -> str:
+    """One line per study, for ``--help``."""
+    lines = [f"  {name:<13} {summary(name)}" for name in STUDIES]
+    lines.append(f"  {'coordination':<13} the delay study behind Flying Squirrel's defaults")
+    return (
+        "studies:\n"
+        + "\n".join(lines)
+        + (
+            "\n\npython -m experiments STUDY --fields [--quick] lists the study's --set fields"
+            " with their values"
+        )
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments",
         description=__doc__.split("\n\n", 1)[1],
+        epilog=studies_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -92,7 +113,20 @@ def parser() -> argparse.ArgumentParser:
         "the same numbers, to float32 rounding, with 1/S of each model's state per device)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--fields",
+        action="store_true",
+        help="list the study's --set fields and their values at the scale, and exit",
+    )
     return p
+
+
+def print_fields(studies: list[str], scale: str) -> None:
+    """The ``--set`` fields of ``studies`` with their values at ``scale``."""
+    for name in studies:
+        print(f"{name} ({scale} scale): --set {name}.FIELD=VALUE, or FIELD=VALUE")
+        for field, value in STUDIES[name].sizes[scale]._asdict().items():
+            print(f"  {field} = {value!r}")
 
 
 def start_devices(args: argparse.Namespace) -> tuple[int, str]:
@@ -138,7 +172,10 @@ def parse_overrides(items: list[str], studies: list[str]) -> dict[str, dict[str,
         hits = [s for s in targets if s in out and field in STUDIES[s].sizes["full"]._fields]
         if not hits:
             fields = {s: STUDIES[s].sizes["full"]._fields for s in targets if s in STUDIES}
-            raise SystemExit(f"--set {item}: no study run here has the field {field!r} ({fields})")
+            raise SystemExit(
+                f"--set {item}: no study run here has the field {field!r} ({fields}; "
+                "python -m experiments STUDY --fields lists them with their values)"
+            )
         for s in hits:
             out[s][field] = value
     return out
@@ -191,6 +228,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         args.model_shards = config.get("model_shards", 1)
     if args.model_shards < 1:
         parser().error(f"--model-shards must be at least 1, got {args.model_shards}")
+    if args.fields:
+        if args.study not in (None, "all", *STUDIES):
+            parser().error(f"--fields lists a study's fields; {args.study} has none")
+        quick = args.quick or args.study is None
+        print_fields(
+            [args.study] if args.study in STUDIES else list(STUDIES),
+            "tiny" if args.tiny else "quick" if quick else "full",
+        )
+        return None
     training.EXCHANGE.set(args.exchange)
     training.MODEL_SHARDS.set(args.model_shards)
     num_devices, first_line = start_devices(args)

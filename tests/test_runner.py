@@ -214,3 +214,18 @@ def test_progress_names_each_item_readably_with_its_place():
     finally:
         base._BAR.reset(token)
     assert shown == ["a (1/2)", "b (2/2)"]
+
+
+def test_help_lists_every_study_and_fields_lists_a_studys_config(capsys):
+    from experiments.studies import STUDIES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    for name, study in STUDIES.items():
+        first = study.module.__doc__.strip().splitlines()[0]
+        assert f"  {name:<13} {first.partition(': ')[2]}" in shown
+    assert main(["faults", "--fields", "--quick"]) is None
+    shown = capsys.readouterr().out
+    for field, value in STUDIES["faults"].sizes["quick"]._asdict().items():
+        assert f"  {field} = {value!r}" in shown
