@@ -131,3 +131,33 @@ def test_user_docs_name_studies_not_issues():
         for m in re.finditer(r"\bissues? ?#?\d+", p.read_text(), flags=re.IGNORECASE)
     ]
     assert len(pages) > 20 and not found, found
+
+
+WORKING_NOTES = (
+    r"\bthe issue\b",
+    r"\bissue's\b",
+    r"\bacceptance\b",
+    r"\bitem \d",
+    r"\bprevious version\b",
+    r"\bmisled once\b",
+    r"\bthe goal was\b",
+    r"\bwe set ourselves\b",
+    r"\bthis session\b",
+    r"\bsession's machine\b",
+    r"\bon this (?:\d-core )?machine\b(?!'s)",
+)
+
+
+def test_user_docs_hold_results_not_working_notes():
+    """No page refers to the work behind it (an issue, its acceptance, the development
+    machine, an earlier version): results are stated with their protocol. Line breaks
+    count as spaces, so a phrase cut by one is found too."""
+    pages = [*DOCS.rglob("*.md"), DOCS.parent / "README.md"]
+    pages = [p for p in pages if "_build" not in p.parts]
+    found = [
+        (p.name, m.group(0))
+        for p in pages
+        for pattern in WORKING_NOTES
+        for m in re.finditer(pattern, " ".join(p.read_text().split()), flags=re.IGNORECASE)
+    ]
+    assert len(pages) > 20 and not found, found
