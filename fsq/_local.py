@@ -192,7 +192,16 @@ def check_output(out: Any, has_aux: bool) -> None:
 def check_loss(
     loss_fn: Callable[[Any, Any], Any], params: Any, worker_batch: Any, has_aux: bool = False
 ) -> None:
-    """:func:`check_output` of ``loss_fn`` on one worker's batch, by its shapes."""
+    """:func:`check_output` of ``loss_fn`` on one worker's batch, by its shapes, after
+    checking that every parameter is floating point (a gradient needs it)."""
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            raise TypeError(
+                f"the parameter at {jax.tree_util.keystr(path)} is {jnp.result_type(x)}: "
+                "gradients are taken of floating-point parameters only; keep integer "
+                "variables out of the parameters (with fsq.nnx.DataParallel, wrt= a filter "
+                "that leaves them out, or another nnx.Variable type than nnx.Param)"
+            )
     check_output(jax.eval_shape(loss_fn, params, worker_batch), has_aux)
 
 

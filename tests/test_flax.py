@@ -523,3 +523,18 @@ def test_bad_arguments_raise_clearly(tmp_path):
             writer.write(1, {"accuracy": 1.0})
     with pytest.raises(ValueError, match="closed"):
         writer.write(2, {"loss": 1.0})
+
+
+def test_an_integer_parameter_is_named():
+    class Counted(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(3))
+            self.count = nnx.Param(jnp.zeros((), jnp.int32))
+
+        def __call__(self, x):
+            return jnp.sum(self.w * x) + self.count
+
+    tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=W, axis_name=AXIS)
+    trainer = fsq.nnx.DataParallel(Counted(), tx, lambda m, b: m(b) ** 2, num_workers=W)
+    with pytest.raises(TypeError, match=r"'count'.* is int32: .*wrt="):
+        trainer.step(jnp.ones((W, 3)))

@@ -451,3 +451,14 @@ def test_mismatched_trees_raise():
         update({"v": jnp.ones((2, 2))}, state, params)
     with pytest.raises(ValueError, match="shapes of the params given to init"):
         update({"w": jnp.ones((2, 5))}, state, {"w": jnp.zeros(5)})
+
+
+def test_the_messages_in_flight_print_as_shapes_not_values():
+    """An error that prints the state (optax.tree.get's, for one) stays readable: the
+    in-flight buffer prints its dtypes and shapes."""
+    tx = fsq.flying_squirrel(fsq.sgd(0.1), num_workers=2, delay=fsq.delays.uniform(4))
+    workers = fsq.parallel.vmap_workers(tx, num_workers=2)
+    state = workers.init(jnp.zeros(10_000))
+    state = workers.update(jnp.full((2, 10_000), 0.5), state, jnp.zeros(10_000))[1]
+    text = repr(state.in_flight)
+    assert "float32[5, 1, 10000]" in text and "0.5" not in text and len(text) < 400, text

@@ -41,7 +41,7 @@ from jax import lax
 
 from fsq.placement import PER_DEVICE
 from fsq.transforms import ring
-from fsq.transforms.wire import NUM_TOTALS, Row
+from fsq.transforms.wire import NUM_TOTALS, Row, summary
 
 NOT_DUE = -1  # the due step of an empty slot
 
@@ -67,6 +67,9 @@ class Pairs(NamedTuple):
     placement = PER_DEVICE
     # On a sharded model each of a group's shards holds a part of every message's pairs.
     over_model_shards = ("positions", "values")
+
+    def __repr__(self) -> str:
+        return summary(self)
 
 
 def padded(count: int, shards: int) -> int:

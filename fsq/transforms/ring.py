@@ -72,7 +72,7 @@ from jax import lax
 from fsq import _sharding
 from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE
-from fsq.transforms.wire import Row
+from fsq.transforms.wire import Row, summary
 
 # Up to this many workers per device (and at most the ring's rows), their messages are
 # written by row updates; beyond, by a segment sum.
@@ -103,6 +103,9 @@ class InFlight(NamedTuple):
     filled: jax.Array
     due: Row | None
     placement = PER_DEVICE
+
+    def __repr__(self) -> str:
+        return summary(self)
 
     def pending(self) -> Row:
         """The sums of the messages in flight, by due row (leaves ``[rows, segments,

@@ -36,6 +36,25 @@ from fsq.transforms.message import Message, Totals, totals_of
 NUM_TOTALS = len(Totals._fields)
 
 
+class _Text(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def summary(buffer: NamedTuple) -> str:
+    """``buffer``'s repr with each array as its dtype and shape (``float32[17, 1, 3]``),
+    not its values: messages in flight are large, and an error that prints the state
+    (``optax.tree.get``'s, for one) should stay readable."""
+
+    def one(x):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return _Text(f"{jnp.dtype(x.dtype).name}{list(x.shape)}")
+        return x
+
+    fields = (f"{name}={jax.tree.map(one, value)!r}" for name, value in buffer._asdict().items())
+    return f"{type(buffer).__name__}({', '.join(fields)})"
+
+
 class Row(NamedTuple):
     """A message, or a sum of messages, as it travels and as the in-flight buffer holds it.
 
@@ -47,6 +66,9 @@ class Row(NamedTuple):
 
     channels: tuple[optax.Updates, ...]
     totals: jax.Array
+
+    def __repr__(self) -> str:
+        return summary(self)
 
 
 def parts(message: Message, dtype: jnp.dtype) -> Row:
