@@ -178,7 +178,11 @@ def train(
     local = num_workers // groups
     # With model shards, each model's parameters (and every buffer shaped like them) are
     # sharded over its group by fsq.parallel.fsdp's rule.
-    specs = fsq.parallel.fsdp(jax.eval_shape(task.init, jax.random.key(0)), mesh)
+    specs = (
+        fsq.parallel.fsdp(jax.eval_shape(task.init, jax.random.key(0)), mesh)
+        if model_axes
+        else None
+    )
     sizes = [batch_size] * num_workers if worker_batch_sizes is None else list(worker_batch_sizes)
     width, sizes = max(sizes), jnp.asarray(sizes)
     names = tuple(grid)
@@ -227,7 +231,7 @@ def train(
             return carry, (outputs, test_loss)
 
         chunks = jnp.arange(steps).reshape(max(test_points, 1), -1)
-        with fsq.parallel.sharded_like(specs if model_axes else None):
+        with fsq.parallel.sharded_like(specs):
             (params, _), ((losses, stale, delivered), test_curve) = jax.lax.scan(
                 chunk, (params, workers.init(params)), chunks
             )

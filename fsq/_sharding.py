@@ -309,22 +309,27 @@ def constrain(tree: Any, leading: int = 0) -> Any:
     )
 
 
-def explicit_spec(x: Any) -> P | None:
-    """The ``PartitionSpec`` ``x`` is typed with on a mesh of explicit axes (jax's
-    sharding in types: ``jax.make_mesh``'s default), ``None`` anywhere else. A
-    ``jax.ShapeDtypeStruct`` gives its own sharding's."""
-    sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else None
-    if sharding is None and not isinstance(x, jax.ShapeDtypeStruct):
+def typed(x: Any) -> NamedSharding | None:
+    """The sharding ``x`` is typed with on a mesh of explicit axes (jax's sharding in
+    types: ``jax.make_mesh``'s default), ``None`` anywhere else; a
+    ``jax.ShapeDtypeStruct`` gives its own. What a ``jax.ShapeDtypeStruct`` of ``x``
+    carries."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        sharding = x.sharding
+    else:
         try:
             sharding = jax.typeof(x).sharding
         except TypeError:
             return None
-    if not isinstance(sharding, NamedSharding):
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.empty:
         return None
-    types = sharding.mesh.axis_types
-    if sharding.mesh.empty or jax.sharding.AxisType.Explicit not in types:
-        return None
-    return sharding.spec
+    return sharding if jax.sharding.AxisType.Explicit in sharding.mesh.axis_types else None
+
+
+def explicit_spec(x: Any) -> P | None:
+    """The ``PartitionSpec`` of :func:`typed`'s sharding, ``None`` where there is none."""
+    sharding = typed(x)
+    return None if sharding is None else sharding.spec
 
 
 def zeros(leading: tuple[int, ...], like: Any, dtype: Any) -> jax.Array:
@@ -349,13 +354,6 @@ def typed_like(x: Any, like: Any, leading: int = 0) -> Any:
     if explicit_spec(x) is not None and normalized(explicit_spec(x)) == spec:
         return x
     return jax.sharding.reshard(x, spec)
-
-
-def typed(x: Any) -> NamedSharding | None:
-    """The explicit sharding ``x`` is typed with (see :func:`explicit_spec`), else
-    ``None``: what a ``jax.ShapeDtypeStruct`` of ``x`` carries."""
-    spec = explicit_spec(x)
-    return None if spec is None else jax.typeof(x).sharding
 
 
 def flat(x: Any) -> jax.Array:

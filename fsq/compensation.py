@@ -93,9 +93,9 @@ def resolve(
     """
     if compensation is None or isinstance(compensation, DelayCompensation):
         return compensation
-    if isinstance(compensation, str) and compensation == "adaptive":
-        return adaptive()
-    if isinstance(compensation, str):
+    if isinstance(compensation, str):  # a string, compared only then: a float may be traced
+        if compensation == "adaptive":
+            return adaptive()
         raise TypeError(
             "compensation must be None, a float lambda, 'adaptive' or "
             f"fsq.compensation.adaptive(...), got {compensation!r}"

@@ -176,9 +176,11 @@ def local_steps(
     local = _checks.transformation("local", local)
     per_worker = _steps(steps)
     offset = _checks.integer("offset", offset, low=0, high=min(per_worker) - 1)
-    if mixing is not None:
-        mixing = _checks.scalar(_checks.real_in_range("mixing", mixing, 0.0, 1.0))
-    alpha = mixing
+    alpha = (
+        None
+        if mixing is None
+        else _checks.scalar(_checks.real_in_range("mixing", mixing, 0.0, 1.0))
+    )
 
     def worker_steps(context) -> jax.Array:
         if len(per_worker) == 1:
