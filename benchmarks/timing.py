@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import os
 import pathlib
 import tempfile
 import time
@@ -74,8 +75,13 @@ def print_table(rows: list[dict]) -> None:
     print(tabulate(rows, headers="keys", floatfmt=".4g"))
 
 
+RESULTS_ENV = "FSQ_BENCHMARK_RESULTS"
+
+
 def save(name: str, payload: dict) -> pathlib.Path:
-    out = pathlib.Path(__file__).parent / "results"
+    """Writes ``payload`` (with the device and jax version) as ``NAME.json`` in
+    ``benchmarks/results``, or in the folder ``$FSQ_BENCHMARK_RESULTS`` names."""
+    out = pathlib.Path(os.environ.get(RESULTS_ENV) or pathlib.Path(__file__).parent / "results")
     out.mkdir(exist_ok=True)
     payload = {
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

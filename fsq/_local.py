@@ -15,6 +15,7 @@ import optax
 from fsq import _checks
 from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE, PER_WORKER, is_declared, placement_of
+from fsq.transforms.rejection import all_finite
 
 WORKER_AXIS = "workers"
 
@@ -67,7 +68,9 @@ def vmap_workers(
     the same ``axis_name`` and ``num_workers``). With ``rows`` (``[K]`` distinct local
     indices) and ``worker_ids`` (their global ids), ``grads`` holds those workers' only:
     the others are not mapped at all and keep their state (workers busy with an earlier
-    job, which send nothing).
+    job, which send nothing). With ``summed`` (``[W]`` bools), ``grads`` (no leading axis)
+    is the sum of the gradients of the workers where ``summed`` holds, the others' being
+    rejected as not finite, for a transform whose state allows it (:func:`sums_workers`).
 
     Example:
       >>> import jax.numpy as jnp, fsq
@@ -88,19 +91,26 @@ def vmap_workers(
         axes = worker_axes(jax.eval_shape(init(out_axes=0), params))
         return init(out_axes=axes)(params)
 
-    def update_fn(updates, state, params=None, *, rows=None, worker_ids=None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, rows=None, worker_ids=None, summed=None, **extra_args
+    ):
         axes = worker_axes(state)
         if rows is not None:  # only these workers: the others keep their own state
             whole, state = state, map_workers(state, lambda x: x[rows])
 
-        def update(grads, state, worker_id):
+        def update(grads, state, worker_id, summed):
             extra = extra_args if worker_id is None else {**extra_args, "worker_id": worker_id}
+            extra = extra if summed is None else {**extra, "summed": summed}
             return tx.update(grads, state, params, **extra)
 
         try:
+            # Summed, every worker is handed the sum, and it is sent once for them all.
             updates, state = jax.vmap(
-                update, in_axes=(0, axes, 0), out_axes=(None, axes), **workers
-            )(updates, state, worker_ids)
+                update,
+                in_axes=(None if summed is not None else 0, axes, 0, 0),
+                out_axes=(None, axes),
+                **workers,
+            )(updates, state, worker_ids, summed)
         except ValueError as e:
             if "out_axes" not in str(e):
                 raise
@@ -138,6 +148,16 @@ def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
     [W]`` method (a clock, :func:`fsq.transforms.clock`), whatever its type."""
     said = [x for x in jax.tree.leaves(opt_state, is_leaf=_says_who_starts) if _says_who_starts(x)]
     return said[0].starting_workers()[ids] if said else None
+
+
+def sums_workers(opt_state: Any) -> bool:
+    """Whether the transform whose state is ``opt_state`` may be given the sum of a
+    device's workers' gradients in place of each one (``update(..., summed=True)``): its
+    state says so with a ``sums_workers() -> bool`` method
+    (:meth:`fsq.FlyingSquirrelState.sums_workers`), whatever its type. Only the state of
+    the whole transform is asked: a transform around it may need each gradient."""
+    says = getattr(type(opt_state), "sums_workers", None)
+    return callable(says) and bool(opt_state.sums_workers())
 
 
 def _holds_params(state: Any) -> bool:
@@ -231,6 +251,13 @@ def workers_step(
     ``params``, or at its own parameters where the state holds them (local steps,
     :func:`worker_parameters`).
 
+    Where the transform's messages of the device's workers share a ring row
+    (:func:`sums_workers`: delay 0, or a constant delay, without pieces that need each
+    gradient apart), one gradient of the workers' summed losses stands for their
+    gradients, as one large-batch step computes it; if that sum is not finite, the step
+    computes each worker's gradient instead, so that only the non-finite ones are
+    rejected.
+
     With a clock in the transform (:func:`fsq.transforms.clock`), a worker busy with an
     earlier job sends nothing, so its gradient is not computed: a worker alone on its
     device is skipped by a ``lax.cond``; of ``L`` workers, the smallest of ``slots``,
@@ -301,6 +328,28 @@ def workers_step(
             out = jax.tree.map(lambda x: _where_active(active, x), out)
         return result(*workers.update(grads, opt_state, params), out)
 
+    if active is None and own is None and sums_workers(opt_state):
+
+        def summed_loss(params):
+            out = jax.vmap(with_aux, in_axes=(None, 0))(params, batch)
+            return jnp.sum(out[0]), out
+
+        (_, out), total = jax.value_and_grad(summed_loss, has_aux=True)(params)
+
+        def finite_only():  # some gradient is not finite: the sum of the others
+            _, grads = every(None, batch)
+            finite = jax.vmap(all_finite)(grads)
+
+            def kept(g):
+                held = finite.reshape(finite.shape + (1,) * (g.ndim - 1))
+                return jnp.tensordot(jnp.ones(num_local, g.dtype), jnp.where(held, g, 0), 1)
+
+            return jax.tree.map(kept, grads), finite
+
+        total, finite = jax.lax.cond(
+            all_finite(total), lambda: (total, jnp.ones(num_local, bool)), finite_only
+        )
+        return result(*workers.update(constrain(total), opt_state, params, summed=finite), out)
     if active is None or slots is None or slots >= num_local:
         return all_workers()
 

@@ -36,9 +36,20 @@ from fsq.transforms.message import (
     DeliverTransformation,
     Layout,
     SendTransformation,
+    Status,
     accumulation_dtype,
     new_message,
 )
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RowSharing:
+    """Whether the messages a device's workers send at a step all travel alike (the same
+    delay, into one ring row) through pieces that let one sum stand for them
+    (:attr:`fsq.transforms.SendTransformation.summable`): static, a pytree without leaves."""
+
+    shared: bool = False
 
 
 class FlyingSquirrelState(NamedTuple):
@@ -66,6 +77,8 @@ class FlyingSquirrelState(NamedTuple):
         (int32; :func:`fsq.transforms.clock`).
       bytes_sent: the bytes a worker's message takes on the wire per step (float32; the
         dense float32 gradient is ``4 P``), whatever the exchange simulates it with.
+      rows: whether a device's workers share a ring row at every step, so that their
+        gradients may be sent as one sum (:meth:`sums_workers`; static, no leaves).
 
     Of the gradients sent at a step (every worker's, or with a clock the jobs started),
     each is delivered, rejected, lost, discarded or (with ``on_stale="drop"``) bounded,
@@ -85,6 +98,15 @@ class FlyingSquirrelState(NamedTuple):
     lost: jax.Array
     discarded: jax.Array
     bytes_sent: jax.Array
+    rows: RowSharing = RowSharing()
+
+    def sums_workers(self) -> bool:
+        """Whether ``update`` may be given the sum of a device's workers' gradients in
+        place of each one (``summed=True``): every message of a device's workers at a
+        step goes to the same ring row with the same weight, so that the row receives
+        the same sum either way (to float32 rounding). A training step then computes one
+        gradient of the workers' summed losses (:func:`fsq.parallel.workers_step`)."""
+        return self.rows.shared
 
 
 def _check_updates(updates: optax.Updates, params: optax.Params | None) -> None:
@@ -166,6 +188,14 @@ def asynchronous(
     workers (``jax.vmap``, ``jax.shard_map``, ``jax.pmap``, nested), or let
     :mod:`fsq.parallel` lay the workers out.
 
+    Where every worker-side piece is summable
+    (:attr:`fsq.transforms.SendTransformation.summable`), the line's delays are the same
+    for every message and the exchange is dense with the mean, ``update`` may be handed
+    the sum of a device's workers' gradients instead of each one, with ``summed=`` (a
+    bool per worker: whether its gradient is in the sum; one left out is rejected as not
+    finite); :meth:`FlyingSquirrelState.sums_workers` says so, and :mod:`fsq.parallel`'s
+    step then computes one gradient of the workers' summed losses.
+
     Args:
       inner: the optimizer stepped on what is delivered (any optax transformation).
       num_workers: :math:`W \ge 1`, the number of workers over ``axis_name``.
@@ -215,6 +245,8 @@ def asynchronous(
     pipeline = _pipeline.pipeline(num_workers, send, line, deliver)
     send, deliver = pipeline.send, pipeline.deliver
     num_channels, apart = pipeline.num_channels, pipeline.apart
+    # One sum may stand for the messages of a device's workers that share a row.
+    summable = all(piece.summable for piece in send) and not apart and line.exchange == "dense"
     inner = optax.with_extra_args_support(inner)
 
     def segments(axes: _axes.WorkerAxes | None) -> int:
@@ -267,18 +299,20 @@ def asynchronous(
             )
         layout = Layout(num_workers, num_channels, span[1])
         zero = jnp.zeros([], jnp.int32)
+        in_flight = line.init(
+            params,
+            num_channels,
+            dtype,
+            span,
+            segments(axes),
+            num_local=_axes.local_count(axes.local) if axes else None,
+            support=support(params),
+        )
+        shared = summable and span[0] == span[1] and isinstance(in_flight, ring.InFlight)
         return FlyingSquirrelState(
             step=zero,
             worker_states=worker_states,
-            in_flight=line.init(
-                params,
-                num_channels,
-                dtype,
-                span,
-                segments(axes),
-                num_local=_axes.local_count(axes.local) if axes else None,
-                support=support(params),
-            ),
+            in_flight=in_flight,
             delivery_states=tuple(piece.init(params, layout) for piece in deliver),
             inner_state=inner.init(params),
             delivered=zero,
@@ -288,6 +322,7 @@ def asynchronous(
             lost=zero,
             discarded=zero,
             bytes_sent=jnp.float32(num_bytes),
+            rows=RowSharing(shared),
         )
 
     def update_fn(
@@ -296,9 +331,16 @@ def asynchronous(
         params: optax.Params | None = None,
         *,
         worker_id: jax.Array | None = None,
+        summed: jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, FlyingSquirrelState]:
         _check_updates(updates, params)
+        if summed is not None and not state.sums_workers():
+            raise ValueError(
+                "summed= sends the sum of a device's workers' gradients, which needs "
+                "messages that share a ring row at every step through summable pieces "
+                "(state.sums_workers() is False for this transform)"
+            )
         # A caller that maps only some of the workers (fsq.parallel skips the busy ones)
         # says which this one is; the axes then hold fewer than W.
         if worker_id is not None and apart:
@@ -314,6 +356,8 @@ def asynchronous(
         context = Context(state.step, worker, num_workers, seed, span[1], link)
         here = dataclasses.replace(line, model=link)
         message = new_message(updates, here.delay(context), here.sums_dtype(in_flight))
+        if summed is not None:  # a gradient left out of the sum was not finite
+            message = message.mark(Status.REJECTED, ~summed)._replace(finite=jnp.bool_(True))
         pieces = list(zip(send, state.worker_states, strict=True))
         states = [s if piece.shared else s.value for piece, s in pieces]
         message, states = _run(send, message, states, params, context)
@@ -327,8 +371,10 @@ def asynchronous(
             axes,
             apart,
             early=span[0] > 0,
+            alike=span[0] == span[1],
             support=support(updates),
             worker=worker,
+            summed=summed is not None,
         )
         totals = _line.totals(due, num_workers, apart)
         delivered = jnp.round(totals.count).astype(jnp.int32)
@@ -379,6 +425,7 @@ def asynchronous(
             lost=jnp.round(totals.lost).astype(jnp.int32),
             discarded=jnp.round(totals.discarded).astype(jnp.int32),
             bytes_sent=state.bytes_sent,
+            rows=state.rows,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

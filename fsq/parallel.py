@@ -67,7 +67,14 @@ from fsq._layout import (
     per_device,
     worker_ids,
 )
-from fsq._local import WORKER_AXIS, map_placed, starting_workers, vmap_workers, workers_step
+from fsq._local import (
+    WORKER_AXIS,
+    map_placed,
+    starting_workers,
+    sums_workers,
+    vmap_workers,
+    workers_step,
+)
 from fsq._sharding import check_mesh, fsdp, model_axes, placed_specs
 from fsq._sharding import parameters as sharded_like
 from fsq.evaluation import evaluator
@@ -419,6 +426,7 @@ __all__ = [
     "model_axes",
     "sharded_like",
     "per_device",
+    "sums_workers",
     "vmap_workers",
     "worker_ids",
     "workers_step",

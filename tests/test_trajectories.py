@@ -19,6 +19,13 @@ a product over each shaped leaf (optimized code); and a trimmed mean with delay
 compensation, from step 29 on, from XLA's fusions of the per-leaf arrays (reducing the
 votes flattened, as before, rounds the same: not the rule).
 
+When a device's workers that share a ring row came to send one gradient of their summed
+losses (:func:`fsq.parallel.sums_workers`), the two delay-0 runs with several workers per
+device (sync-sgd, sync-defaults-adam) changed their last bits on both machine recordings
+(at most 1.5e-7), re-recorded: the sum is formed inside the backward pass's product over
+every example instead of worker by worker. Every other run replayed bitwise, and these two
+still match the original recording to rounding.
+
 Against the recording of a machine that rounds as this one does (same
 :func:`tests.trajectories.fingerprint`), every run must match bitwise: the numbers a
 refactor must not move. ``python -m tests.trajectories`` records one for a new machine.

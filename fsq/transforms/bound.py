@@ -56,4 +56,6 @@ def bound_staleness(max_staleness: int, on_stale: str = "drop") -> SendTransform
         _checks.integer("max_staleness", bound, 0, high)
         return (min(low, bound), min(high, bound)) if wait else span
 
-    return SendTransformation(lambda params: optax.EmptyState(), update, delays=delays)
+    return SendTransformation(
+        lambda params: optax.EmptyState(), update, delays=delays, summable=True
+    )

@@ -169,18 +169,24 @@ class DelayLine:
         early: bool = False,
         support: tuple[int, tuple[int, ...] | None] | None = None,
         worker: jax.Array | None = None,
+        summed: bool = False,
+        alike: bool = False,
     ) -> tuple[ring.Due, ring.InFlight | pairs.Pairs]:
         """Sends this worker's message; returns what is due at ``step`` (over every
         worker; each worker's sums side by side when ``apart``) and the buffer.
         ``early``: no message is due the step it is sent (the smallest delay is above 0);
-        ``support``: as for :meth:`init`; ``worker``: this worker's global id."""
+        ``support``: as for :meth:`init`; ``worker``: this worker's global id;
+        ``summed``: the message's channels are the sum over the device's workers that send
+        one, whose messages have the same delay and weight (the dense exchange, the mean):
+        the sum is written once, and counted for every worker; ``alike``: every message
+        travels the same delay (the dense exchange adds a device's messages up first)."""
         dtype = self.sums_dtype(in_flight)
         if isinstance(in_flight, pairs.Pairs):
             slots = _axes.stack(worker, axes.local) % in_flight.due_at.shape[1]
             return _exchange_pairs(message, in_flight, step, axes, dtype, early, support[1], slots)
         if self.exchange == "sparse":
             return _exchange_sparse(message, in_flight, step, axes, dtype)
-        return _exchange_dense(message, in_flight, step, axes, dtype, apart)
+        return _exchange_dense(message, in_flight, step, axes, dtype, apart, summed, alike)
 
 
 def delay_line(
@@ -239,29 +245,46 @@ def _over_devices(due: ring.Due, axes: _axes.WorkerAxes, dtype, apart: bool) -> 
     return ring.as_due(row)
 
 
-def _exchange_dense(message, in_flight, step, axes, dtype, apart):
-    num_local = _axes.local_count(axes.local)
+def _summed(message: Message, axes: _axes.WorkerAxes, dtype) -> wire.Row:
+    """A message carrying the sum of the gradients of the device's workers that send one,
+    as one worker's (leaves ``[1, *shape]``): scaled once by the weight they share (that
+    of the first one sent), counted in the totals for each worker."""
+    sender = jnp.argmax(_axes.stack(message.sent, axes.local))
+    alike = {f: _axes.stack(getattr(message, f), axes.local)[sender] for f in ("weight", "status")}
+    counts = jnp.sum(_axes.stack(wire.parts(message, dtype).totals, axes.local), 0)
+    row = wire.parts(message._replace(**alike), dtype)._replace(totals=counts)
+    return jax.tree.map(lambda x: x[None], row)
+
+
+def _exchange_dense(message, in_flight, step, axes, dtype, apart, summed=False, alike=False):
+    # Messages that all travel the same delay are added up first and written as one (the
+    # sum the step formed, when summed).
+    one = summed or (alike and not apart and not in_flight.filled.shape[0])
+    num_local = 1 if one else _axes.local_count(axes.local)
     spanned = _spanned(axes)
 
     def gathered():
         """The device's workers' messages, leaves ``[num_local, *shape]`` (free under vmap:
-        every worker of the device gets the whole batch)."""
-        row = jax.tree.map(lambda p: _axes.stack(p, axes.local), wire.parts(message, dtype))
+        every worker of the device gets the whole batch), or their sum (``[1, *shape]``)."""
+        if summed:
+            row = _summed(message, axes, dtype)
+        else:
+            row = jax.tree.map(lambda p: _axes.stack(p, axes.local), wire.parts(message, dtype))
+        if one and not summed:
+            # A product with ones sums the workers in one pass; XLA's reduction over the
+            # leading axis was 50x slower on CPU.
+            ones = jnp.ones(_axes.local_count(axes.local), dtype)
+            row = jax.tree.map(lambda p: jnp.tensordot(ones, p, axes=1)[None], row)
         return row._replace(channels=tuple(constrain(c, leading=1) for c in row.channels))
 
     if in_flight.filled.shape[0]:
-        delays = _axes.stack(message.delay, axes.local)
-        write = ring.add_messages(gathered(), delays, step, apart)
+        delays = _axes.stack(message.delay, axes.local)[:num_local]  # alike when one
+        write = ring.add_messages(gathered(), delays, step, apart, alike)
         due, in_flight = ring.advance(in_flight, step, write)
     elif num_local == 1 and not spanned:  # no delays: the message just sent, as it is
         due = ring.Due(lambda: jax.tree.map(lambda x: x[None], gathered()), jnp.int32(0))
-    elif apart:  # no delays: each worker's message is due now
+    else:  # no delays: what the device's workers send is due now (each apart, or the sum)
         due = ring.as_due(gathered())
-    else:  # no delays: the sum of the device's messages is due now, leaf by leaf
-        # A product with ones sums the workers in one pass; XLA's reduction over the
-        # leading axis was 50x slower on CPU.
-        ones = jnp.ones(num_local, dtype)
-        due = ring.as_due(jax.tree.map(lambda p: jnp.tensordot(ones, p, axes=1)[None], gathered()))
     return _over_devices(due, axes, dtype, apart), in_flight
 
 

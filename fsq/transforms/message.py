@@ -92,6 +92,9 @@ class Message(NamedTuple):
       staleness: the inner steps between the tick its parameters were read and the tick
         it is applied (int32 scalar), known to a clock (:func:`fsq.transforms.clock`);
         ``None``: its delay (every step delivers something in the delay model).
+      finite: whether its gradient is finite, where that is known already (a sum of
+        gradients whose non-finite terms were left out: a bool scalar), else ``None``
+        (:func:`fsq.transforms.reject_non_finite` tests it). A new gradient forgets it.
     """
 
     channels: tuple[optax.Updates, ...]
@@ -101,6 +104,7 @@ class Message(NamedTuple):
     support: jax.Array | None = None
     shared_support: bool = False
     staleness: jax.Array | None = None
+    finite: jax.Array | None = None
 
     @property
     def gradient(self) -> optax.Updates:
@@ -119,7 +123,7 @@ class Message(NamedTuple):
 
     def with_gradient(self, gradient: optax.Updates) -> Message:
         """The message with its first channel replaced."""
-        return self._replace(channels=(gradient, *self.channels[1:]))
+        return self._replace(channels=(gradient, *self.channels[1:]), finite=None)
 
     def mark(self, status: Status, where: jax.Array) -> Message:
         """The message marked ``status`` where ``where`` holds, unless its fate is graver."""
@@ -168,6 +172,12 @@ class SendTransformation(NamedTuple):
       shared: its state is the same on every worker (replicated), not each worker's own.
       needs_context: ``init`` takes the :class:`Context` too (its ``step`` 0, ``worker``
         0: the run it belongs to).
+      summable: a message may carry the sum of several workers' gradients through it:
+        it keeps no state, touches the channels only through the message's weight, and
+        gives workers whose messages travel alike (the same delay) the same weight and
+        status, whatever their gradients but for being finite. Where every piece is,
+        the workers of a device that share a ring row send one sum
+        (:meth:`fsq.FlyingSquirrelState.sums_workers`).
     """
 
     init: Callable[..., optax.OptState]
@@ -180,6 +190,7 @@ class SendTransformation(NamedTuple):
     support: Callable[[Sequence[int]], tuple[int, tuple[int, ...] | None]] | None = None
     shared: bool = False
     needs_context: bool = False
+    summable: bool = False
 
 
 def on_gradient(tx: optax.GradientTransformation) -> SendTransformation:

@@ -52,6 +52,7 @@ def reject_non_finite() -> SendTransformation:
 
     def update(message, state, params, context):
         del params, context
-        return message.mark(Status.REJECTED, ~all_finite(message.gradient)), state
+        finite = all_finite(message.gradient) if message.finite is None else message.finite
+        return message.mark(Status.REJECTED, ~finite), state
 
-    return SendTransformation(lambda params: optax.EmptyState(), update)
+    return SendTransformation(lambda params: optax.EmptyState(), update, summable=True)

@@ -30,9 +30,12 @@ rounds once when it stores; the totals (exact counts) keep the sums' dtype.
 
 How the messages of a device's :math:`L` workers are written:
 
-- :math:`L \le R`: each leaf of each worker's message is added into its place in the row
-  where it is computed; the message is never built;
-- :math:`L > R`: as a segment sum, :math:`\text{slots} \leftarrow [\text{kept}]\,
+- :math:`L \le R`, or every message with the same delay (``alike``) and :math:`L \le 32`:
+  each leaf of each worker's message is added into its place in the row where it is
+  computed; the message is never built (with the same delay, the product below would
+  build the device's :math:`L` messages and then rewrite every row, 2.4x slower for
+  delay compensation's three channels);
+- :math:`L > R` otherwise: as a segment sum, :math:`\text{slots} \leftarrow [\text{kept}]\,
   \text{slots} + A M` with :math:`A_{r i} = [\text{row}_i = r]`: one matrix product and
   one pass over the ring per leaf, whose cost and compile time do not grow with :math:`L`
   beyond the product (cheaper than :math:`L` row updates once :math:`L` exceeds
@@ -74,8 +77,8 @@ from fsq._sharding import constrain
 from fsq.placement import PER_DEVICE
 from fsq.transforms.wire import Row, summary
 
-# Up to this many workers per device (and at most the ring's rows), their messages are
-# written by row updates; beyond, by a segment sum.
+# Up to this many workers per device (and at most the ring's rows, unless they all share
+# a row), their messages are written by row updates; beyond, by a segment sum.
 UNROLLED_WORKERS = 32
 
 
@@ -246,18 +249,20 @@ def read_slice(buffer: jax.Array, at: tuple, sizes: tuple) -> jax.Array:
     return lax.bitcast_convert_type(lax.dynamic_slice(bits, at, sizes), buffer.dtype)
 
 
-def add_messages(pieces: Row, delays: jax.Array, step: jax.Array, apart: bool) -> Write:
+def add_messages(
+    pieces: Row, delays: jax.Array, step: jax.Array, apart: bool, alike: bool = False
+) -> Write:
     """The write of a device's messages at ``step``: local worker ``i``'s message is
     ``pieces`` at ``i`` (leaves ``[L, *shape]``, in the dtype sums are formed in), due
-    ``delays[i]`` steps later (into its own segment of the row when ``apart``). See the
-    module for the two ways."""
+    ``delays[i]`` steps later (into its own segment of the row when ``apart``);
+    ``alike``: every delay is the same. See the module for the two ways."""
     num_local = delays.shape[0]
 
     def write(slots, filled, num_slots):
         rows = (step + delays) % num_slots
         segments = np.arange(num_local) if apart else np.zeros(num_local, int)
         marks = filled.at[rows, segments].set(True)
-        if num_local > min(num_slots, UNROLLED_WORKERS):
+        if num_local > (UNROLLED_WORKERS if alike else min(num_slots, UNROLLED_WORKERS)):
             return _segment_sum(slots, filled, rows, pieces, apart), marks
         # A worker adds to what its target (row, segment) held, or to what a local worker
         # before it just wrote there.

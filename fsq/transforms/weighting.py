@@ -51,7 +51,7 @@ def scale_by_staleness(
         alpha = scale(message.age.astype(message.weight.dtype))
         return message._replace(weight=message.weight * alpha), state
 
-    return SendTransformation(lambda params: optax.EmptyState(), update)
+    return SendTransformation(lambda params: optax.EmptyState(), update, summable=True)
 
 
 def scale_by_worker(weights: Sequence[float]) -> SendTransformation:
