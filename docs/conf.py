@@ -9,9 +9,12 @@ DOCS = pathlib.Path(__file__).parent
 # The repository root (to import fsq without installing it) and the local extensions.
 sys.path[:0] = [str(DOCS.parent), str(DOCS / "_ext")]
 
+import fsq  # noqa: E402 - after the path above
+
 project = "fsq"
 author = "the fsq authors"
 copyright = "the fsq authors"
+release = version = fsq.__version__
 
 extensions = [
     "myst_parser",
@@ -33,7 +36,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
 html_theme = "furo"
-html_title = "fsq — Flying Squirrel"
+html_title = f"fsq {version} — Flying Squirrel"
 
 
 def link_study_reports(app: Sphinx, docname: str, source: list[str]) -> None:

@@ -41,17 +41,26 @@ def diverged_tag(rows: Sequence[Record]) -> str:
 
 
 def summary(rows: Sequence[Record]) -> str:
-    """``mean +- std`` of the headline metric over the seeds that did not diverge, then
-    ``div. (k/n)`` for those that did (never averaged in); ``div. (n/n)`` alone if all did."""
+    """``mean +- std`` of the headline metric over the seeds that did not diverge (the mean
+    alone for one), then ``div. (k/n)`` for those that did (never averaged in);
+    ``div. (n/n)`` alone if all did."""
     ok = converged(rows)
     if not ok:
         return diverged_tag(rows)
     values = np.asarray([headline(r) for r in ok])
     if higher_is_better(rows[0]):
-        text = f"{100 * values.mean():.1f} +- {100 * values.std():.1f}"
+        text = f"{100 * values.mean():.1f}"
+        spread = f" +- {100 * values.std():.1f}"
     else:
-        text = f"{values.mean():.3g} +- {values.std():.2g}"
+        text = f"{values.mean():.3g}"
+        spread = f" +- {values.std():.2g}"
+    text += spread if len(values) > 1 else ""  # one run has no spread to show
     return " ".join(filter(None, (text, diverged_tag(rows))))
+
+
+def seed_count(n: int) -> str:
+    """``"1 seed"``, ``"3 seeds"``."""
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def final_train_loss(rows: Sequence[Record]) -> str:

@@ -11,7 +11,8 @@ saved and restored with their shardings, from every process of a multi-host job.
 Each save is one numbered step directory, written atomically (orbax writes to a
 temporary directory and renames it when complete), and the newest ``max_to_keep`` are
 kept: a crash while saving, or a damaged latest checkpoint, leaves the previous ones
-readable.
+readable. A CRC-32 of each array saved beside orbax's files lets ``restore`` refuse
+changed bytes, which the array files alone would restore silently.
 
 Example:
   >>> import tempfile, jax.numpy as jnp, fsq
@@ -27,7 +28,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from typing import Any
 
 import jax
@@ -39,6 +42,7 @@ from fsq import _checks
 __all__ = ["all_steps", "latest_step", "restore", "save"]
 
 PathLike = str | os.PathLike
+CHECKSUMS = "fsq_checksums.json"  # beside orbax's files in each step's directory
 
 
 def _manager(directory: PathLike, max_to_keep: int | None = None, create: bool = False):
@@ -68,8 +72,15 @@ def save(directory: PathLike, step: int, state: Any, *, max_to_keep: int = 3) ->
     with _manager(directory, max_to_keep, create=True) as manager:
         if step in manager.all_steps():
             raise ValueError(f"checkpoint {step} already exists in {directory}")
-        manager.save(step, args=ocp.args.StandardSave(_without_empty(state)))
+        stored = _without_empty(state)
+        manager.save(step, args=ocp.args.StandardSave(stored))
         manager.wait_until_finished()
+    digests = _digests(stored)
+    if jax.process_index() == 0 and digests:
+        path = os.path.join(os.path.abspath(directory), str(step), CHECKSUMS)
+        with open(path + ".tmp", "w") as f:
+            json.dump(digests, f)
+        os.replace(path + ".tmp", path)  # whole or not at all
 
 
 def all_steps(directory: PathLike) -> list[int]:
@@ -92,6 +103,37 @@ def _without_empty(tree: Any) -> Any:
     return jax.tree.map(lambda x: None if np.size(x) == 0 else x, tree)
 
 
+def _digests(tree: Any) -> dict[str, str]:
+    """``{dotted path: CRC-32 of its bytes}`` of the arrays of ``tree`` that this process
+    holds whole (all of them in a one-process job)."""
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            continue
+        data = np.ascontiguousarray(np.asarray(leaf)).reshape(-1).view(np.uint8)
+        digests[_path_name(path)] = f"{zlib.crc32(data):08x}"
+    return digests
+
+
+def _check_digests(directory: PathLike, step: int, restored: Any, where: str) -> None:
+    """Raises a ``ValueError`` where ``restored`` differs from the checksums saved with it."""
+    path = os.path.join(os.path.abspath(directory), str(step), CHECKSUMS)
+    if not os.path.exists(path):
+        return  # saved without checksums (or by another tool): nothing to compare
+    with open(path) as f:
+        saved = json.load(f)
+    for name, digest in _digests(restored).items():
+        if name in saved and saved[name] != digest:
+            raise ValueError(
+                f"{where} is damaged: the data of {name} does not match the checksum saved "
+                "with it (restore an older checkpoint with step=)"
+            )
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(_key_name(k) for k in path)
+
+
 def _key_name(key: Any) -> str:
     for attribute in ("name", "key", "idx"):
         if hasattr(key, attribute):
@@ -103,8 +145,7 @@ def _layout(tree: Any, *, saved: bool) -> dict[str, tuple[tuple[int, ...], np.dt
     """``{dotted path: (shape, dtype)}`` of a state, or of a checkpoint's metadata."""
     layout = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = ".".join(_key_name(k) for k in path)
-        layout[leaf.name if saved else name] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+        layout[leaf.name if saved else _path_name(path)] = (tuple(leaf.shape), np.dtype(leaf.dtype))
     return layout
 
 
@@ -151,7 +192,9 @@ def restore(directory: PathLike, like: Any, *, step: int | None = None) -> Any:
     Raises:
       FileNotFoundError: there is no such checkpoint.
       ValueError: the checkpoint's tree, shapes or dtypes differ from ``like``'s, or its
-        files are damaged (older checkpoints stay readable: pass their ``step``).
+        files are damaged: unreadable, or an array's data differs from the CRC-32
+        ``save`` stored beside it (arrays one process holds whole; older checkpoints stay
+        readable: pass their ``step``).
     """
     steps = all_steps(directory)
     if step is None and not steps:
@@ -166,11 +209,17 @@ def restore(directory: PathLike, like: Any, *, step: int | None = None) -> Any:
         except Exception as e:  # orbax raises many kinds of errors on a damaged directory
             raise ValueError(f"{where} is unreadable (damaged?): {e}") from e
         stored = _without_empty(like)
+        if not saved and jax.tree.leaves(stored):
+            raise ValueError(
+                f"{where} is unreadable: its metadata lists no arrays (a save or a deletion "
+                "interrupted? restore an older checkpoint with step=)"
+            )
         _check_layout(saved, _layout(stored, saved=False), where)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored)
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:
             raise ValueError(f"{where} is unreadable (damaged?): {e}") from e
+    _check_digests(directory, step, restored, where)
     # The empty arrays come back from ``like``.
     return jax.tree.map(lambda x, r: x if np.size(x) == 0 else r, like, restored)

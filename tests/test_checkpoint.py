@@ -48,6 +48,40 @@ def test_damaged_checkpoint_raises_and_leaves_the_previous_one_readable(tmp_path
     np.testing.assert_array_equal(restored["w"], np.arange(6.0).reshape(2, 3))
 
 
+def flip_bytes_in_the_middle(path, count=16):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_data_raise_instead_of_restoring_wrong_values(tmp_path):
+    """The array files hold raw bytes: without a checksum a flipped byte restores wrong
+    values silently. The checksums saved beside them catch it, naming the leaf."""
+    big = {"w": jnp.arange(20000.0), "b": jnp.ones(5, jnp.bfloat16), "step": jnp.int32(3)}
+    fsq.checkpoint.save(tmp_path, 1, big)
+    fsq.checkpoint.save(tmp_path, 2, jax.tree.map(lambda x: 2 * x, big))
+    data = max((p for p in (tmp_path / "2").rglob("*") if p.is_file()), key=os.path.getsize)
+    flip_bytes_in_the_middle(data)
+    with pytest.raises(ValueError, match="checkpoint 2 .* is damaged: the data of w"):
+        fsq.checkpoint.restore(tmp_path, big)
+    restored = fsq.checkpoint.restore(tmp_path, big, step=1)
+    jax.tree.map(np.testing.assert_array_equal, restored, big)
+
+
+def test_a_checkpoint_whose_deletion_was_interrupted_says_unreadable(tmp_path):
+    """orbax deletes an old checkpoint in place: cut short, it stays listed, its metadata
+    gone; restoring it says so instead of naming every leaf missing."""
+    fsq.checkpoint.save(tmp_path, 1, state(1.0))
+    fsq.checkpoint.save(tmp_path, 2, state(2.0))
+    (metadata,) = (tmp_path / "1").rglob("_METADATA")
+    metadata.unlink()
+    assert fsq.checkpoint.all_steps(tmp_path) == [1, 2]
+    with pytest.raises(ValueError, match="checkpoint 1 .* is unreadable: its metadata"):
+        fsq.checkpoint.restore(tmp_path, state(), step=1)
+    np.testing.assert_array_equal(fsq.checkpoint.restore(tmp_path, state())["w"], 2 * state()["w"])
+
+
 @pytest.mark.parametrize(
     "like, match",
     [

@@ -646,3 +646,16 @@ def test_the_coordination_study_exchanges_as_the_runner_says(monkeypatch):
     finally:
         training.EXCHANGE.reset(token)
     assert seen == ["ordered"]
+
+
+def test_one_run_shows_no_spread_and_diverged_runs_are_left_out_of_the_mean():
+    from experiments.presentation import seed_count, summary
+
+    one = [_record(study="classic", task="t", method="m", seed=0, test_accuracy=0.5)]
+    assert summary(one) == "50.0"  # no "+- 0.0" for a single run
+    two = one + [_record(study="classic", task="t", method="m", seed=1, test_accuracy=0.7)]
+    assert summary(two) == "60.0 +- 10.0"
+    lost = [_record(study="classic", task="t", method="m", seed=2, diverged=True)]
+    assert summary(one + lost) == "50.0 div. (1/2)"
+    assert summary(lost) == "div. (1/1)"
+    assert (seed_count(1), seed_count(3)) == ("1 seed", "3 seeds")

@@ -30,6 +30,7 @@ from experiments.presentation import (
     points,
     relative,
     save,
+    seed_count,
     style,
     summary,
     table_block,
@@ -158,7 +159,7 @@ def section(rows: list[Record]) -> list[str]:
             table.append(row)
         lines += table_block(
             f"**{task}** ({first.workers} workers x {batch(first)}, {first.steps} steps, "
-            f"{len(group(by_task, 'seed'))} seeds; {metric_name(first)}):",
+            f"{seed_count(len(group(by_task, 'seed')))}; {metric_name(first)}):",
             table,
         )
     return lines

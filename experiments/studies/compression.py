@@ -19,7 +19,14 @@ import jax
 
 import fsq
 from experiments import mnist1d, records, tasks, training
-from experiments.presentation import batch, metric_name, percent_of, summary, table_block
+from experiments.presentation import (
+    batch,
+    metric_name,
+    percent_of,
+    seed_count,
+    summary,
+    table_block,
+)
 from experiments.records import Record, group
 from experiments.studies import base
 
@@ -122,7 +129,7 @@ def section(rows: list[Record]) -> list[str]:
         ]
         lines += table_block(
             f"**{task}, {shards} shards** ({dense[0].workers} workers x {batch(dense[0])}, "
-            f"{dense[0].steps} steps, {len(dense)} seeds):",
+            f"{dense[0].steps} steps, {seed_count(len(dense))}):",
             table,
         )
     return lines

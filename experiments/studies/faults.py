@@ -21,7 +21,14 @@ from typing import Any, NamedTuple
 
 import fsq
 from experiments import records, tasks, training
-from experiments.presentation import batch, metric_name, percent_of, summary, table_block
+from experiments.presentation import (
+    batch,
+    metric_name,
+    percent_of,
+    seed_count,
+    summary,
+    table_block,
+)
 from experiments.records import Record, group
 from experiments.studies import base
 
@@ -158,7 +165,7 @@ def section(rows: list[Record]) -> list[str]:
         ]
         lines += table_block(
             f"**{task}, delays {delay}** ({clean[0].workers} workers x {batch(clean[0])}, "
-            f"{clean[0].steps} steps, {len(clean)} seeds):",
+            f"{clean[0].steps} steps, {seed_count(len(clean))}):",
             table,
         )
     return lines

@@ -55,6 +55,7 @@ from experiments.presentation import (
     image,
     loss_scale,
     save,
+    seed_count,
     style,
     table_block,
 )
@@ -313,7 +314,7 @@ def section(rows: list[Record]) -> list[str]:
         f"The transformer ({first.hyperparameters['model']}, {first.hyperparameters['params']} "
         f"parameters), {first.workers} workers x {first.hyperparameters['batch_size']} "
         f"sequences, test loss above the chain's entropy rate after {first.steps} steps of "
-        f"every worker (equal gradient computations), {len(sync)} seeds, each method at its "
+        f"every worker (equal gradient computations), {seed_count(len(sync))}, each method at its "
         "best AdamW learning rate; bytes per worker. *Time to target*: simulated time "
         "until the test loss reaches synchronous training's final loss on the slow link, "
         f"relative to synchronous training (the others run on to {EXTEND} x "

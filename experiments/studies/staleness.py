@@ -34,6 +34,7 @@ from experiments.presentation import (
     points,
     relative,
     save,
+    seed_count,
     summary,
     table_block,
 )
@@ -222,7 +223,7 @@ def section(rows: list[Record]) -> list[str]:
             table.append(row)
         lines += table_block(
             f"**{task}, {inner} inner** (lr {lr}, {sync[0].workers} workers x {batch(sync[0])}, "
-            f"{sync[0].steps} steps, {len(sync)} seeds; {metric_name(sync[0])}):",
+            f"{sync[0].steps} steps, {seed_count(len(sync))}; {metric_name(sync[0])}):",
             table,
         )
     return lines
