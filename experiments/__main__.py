@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         seeds = None if config["seeds"] is None else tuple(config["seeds"])
         out = args.out or args.directory.with_name(args.directory.name + "-rerun")
         command = config["command"]
+        rerun = " ".join(["python -m experiments", *map(shlex.quote, args_given)])
     else:
         study = args.study or "all"
         quick = args.quick or args.study is None
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         seeds = None if args.seeds is None else tuple(range(args.seeds))
         out = args.out or pathlib.Path("runs") / (study if scale == "full" else f"{study}-{scale}")
         command = " ".join(["python -m experiments", *map(shlex.quote, args_given)])
+        rerun = None
 
     settings = Settings(
         scale=scale,
@@ -306,6 +308,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         "model_shards": args.model_shards,
         "jax": jax.__version__,
         "wall_seconds": seconds,
+        **({"rerun": rerun} if rerun else {}),
     }
     records.write(results, meta, out)
     records.write_curves(results, out)

@@ -27,6 +27,12 @@ from experiments.studies import STUDIES
 REPORT = "report.md"
 
 
+def ran(meta: dict[str, Any]) -> str:
+    """The command that made the results: a rerun names itself and what it reran."""
+    command = f"`{meta.get('command', '')}`"
+    return f"`{meta['rerun']}`, again what {command} ran" if meta.get("rerun") else command
+
+
 def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
     """The text of ``report.md``: a pure function of the results."""
     seconds = meta.get("wall_seconds", {})
@@ -35,7 +41,7 @@ def markdown(meta: dict[str, Any], rows: list[Record]) -> str:
         f"# fsq studies: {', '.join(group(rows, 'study'))}",
         "",
         f"Generated from `{records.RESULTS_JSON}` by `python -m experiments report`. "
-        f"Run: `{meta.get('command', '')}` ({meta.get('scale', '')} scale, "
+        f"Run: {ran(meta)} ({meta.get('scale', '')} scale, "
         f"{meta.get('devices', '')} {device_kind(meta)} devices"
         f"{processes(meta)}, jax {meta.get('jax', '')}; wall time "
         f"{timing or 'not recorded'}).",

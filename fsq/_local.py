@@ -222,7 +222,17 @@ def check_loss(
                 "variables out of the parameters (with fsq.nnx.DataParallel, wrt= a filter "
                 "that leaves them out, or another nnx.Variable type than nnx.Param)"
             )
-    check_output(jax.eval_shape(loss_fn, params, worker_batch), has_aux)
+    try:
+        out = jax.eval_shape(loss_fn, params, worker_batch)
+    except (TypeError, ValueError) as e:  # the model's own error, with the likely layout slip
+        shapes = jax.tree.map(jnp.shape, worker_batch)
+        raise type(e)(
+            f"loss_fn failed on one worker's batch, shaped {shapes} (the batch without its "
+            "leading axis of workers). If that is one example rather than a worker's "
+            "examples, the batch lacks its worker axis: its leaves must be [num_workers, "
+            f"examples per worker, ...]. The error: {e}"
+        ) from e
+    check_output(out, has_aux)
 
 
 def _blank(x: Any) -> jax.Array:

@@ -187,6 +187,23 @@ def test_a_loss_with_metrics_is_refused_with_the_fix(backend):
         dp.step(dp.init(init_params()), make_data(8))
 
 
+def test_a_batch_without_its_worker_axis_suggests_the_layout():
+    """8 examples of 3 features, no worker axis: its leading size happens to be W, so
+    each worker gets one example and the model fails on its shape; the error says why."""
+
+    def batched_loss(params, shard):  # a model that wants [examples, features]
+        x, y = shard
+        hidden = jnp.tanh(jnp.einsum("bi,ih->bh", x, params["w1"]) + params["b1"])
+        return jnp.mean((hidden @ params["w2"] - y) ** 2)
+
+    tx = squirrel(8, fsq.parallel.AXIS_NAME)
+    dp = fsq.parallel.data_parallel(batched_loss, tx, num_workers=8, backend="vmap")
+    x, y = make_data(8)
+    dp.step(dp.init(init_params()), (x, y))  # with the worker axis: trains
+    with pytest.raises(ValueError, match=r"lacks its worker axis.*\[num_workers, examples per"):
+        dp.step(dp.init(init_params()), (x[:, 0], y[:, 0]))
+
+
 def test_workers_must_divide_evenly_over_devices():
     tx = squirrel(12, fsq.parallel.AXIS_NAME)
     with pytest.raises(ValueError, match="num_workers=12 must be a multiple"):

@@ -167,6 +167,10 @@ def test_an_override_changes_the_run_is_recorded_and_rerun_reproduces_it(tmp_pat
     main(["rerun", str(out), "--no-progress"])
     meta, again = records_of(tmp_path / "run-rerun")
     assert meta["command"] == config["command"] and meta["exchange"] == "ordered"
+    # The rerun's report names the rerun, and what it ran again.
+    text = (tmp_path / "run-rerun" / "report.md").read_text()
+    assert f"Run: `python -m experiments rerun {out} --no-progress`, again what `" in text
+    assert config["command"] in text
     assert_same_records(again, rows)  # bitwise
 
 
@@ -202,18 +206,28 @@ def test_progress_names_each_item_readably_with_its_place():
     assert base.label(("DiLoCo", Method())) == "DiLoCo"
     assert base.label((0.1, 16)) == "0.1 / 16"
     assert base.label(Method()) == "Method"
-    shown = []
+    shown, totals = [], []
 
     class Bar:
+        n, total = 0, None
+
         def set_postfix_str(self, text, refresh):
             shown.append(text)
 
-    token = base._BAR.set(Bar())
+        def refresh(self):
+            totals.append(self.total)
+
+    bar = Bar()
+    token = base._BAR.set(bar)
     try:
-        assert list(base.progress(["a", "b"], None, "study")) == ["a", "b"]
+        for _item in base.progress(["a", "b", "c", "d"], None, "study"):
+            for _ in base.progress(["x", "y"], None, "inner"):  # names, no estimate
+                bar.n += 10
     finally:
         base._BAR.reset(token)
-    assert shown == ["a (1/2)", "b (2/2)"]
+    assert shown[:3] == ["a (1/4)", "x (1/2)", "y (2/2)"] and "d (4/4)" in shown
+    # The total for an ETA: 20 steps an item, 4 items; set after each of the first 3.
+    assert totals == [80, 80, 80]
 
 
 def test_help_lists_every_study_and_fields_lists_a_studys_config(capsys):

@@ -75,6 +75,7 @@ def step_bar(name: str, enabled: bool) -> Iterator[Any]:
     tokens = _BAR.set(bar), training.STEPS_DONE.set(bar.update)
     try:
         yield bar
+        bar.total = bar.n  # done: the estimate gives way to the count
     finally:
         _BAR.reset(tokens[0])
         training.STEPS_DONE.reset(tokens[1])
@@ -95,14 +96,26 @@ def label(item: Any) -> str:
 
 def progress(items: Iterable[T], settings: Settings, desc: str) -> Iterator[T]:
     """``items``, each named beside the study's step bar while it runs, with its place
-    among them (``k/n``)."""
+    among them (``k/n``). The outermost loop of a study also sets the bar's total (so
+    that it shows an ETA): the steps done, scaled by the items left, an estimate that
+    holds where the items are alike."""
     del settings, desc  # the bar is the study's (step_bar)
     bar = _BAR.get()
     items = list(items)
-    for k, item in enumerate(items, 1):
-        if bar is not None:
-            bar.set_postfix_str(f"{label(item)} ({k}/{len(items)})", refresh=True)
-        yield item
+    outermost = bar is not None and not getattr(bar, "fsq_estimating", False)
+    if outermost:
+        bar.fsq_estimating = True
+    try:
+        for k, item in enumerate(items, 1):
+            if bar is not None:
+                bar.set_postfix_str(f"{label(item)} ({k}/{len(items)})", refresh=True)
+            yield item
+            if outermost and k < len(items) and bar.n:
+                bar.total = max(bar.n + 1, round(bar.n * len(items) / k))
+                bar.refresh()
+    finally:
+        if outermost:
+            bar.fsq_estimating = False
 
 
 def learning_rates(centre: float, count: int) -> tuple[float, ...]:
