@@ -48,14 +48,22 @@ def data(num_workers, poisoned=None):
 
 
 def train(
-    kwargs, num_workers, *, per_worker=False, backend="vmap", devices=1, slots=None, **data_kw
+    kwargs,
+    num_workers,
+    *,
+    per_worker=False,
+    backend="vmap",
+    devices=1,
+    slots=None,
+    model_axes=None,
+    **data_kw,
 ):
     tx = fsq.flying_squirrel(
         fsq.adam(0.05), num_workers=num_workers, axis_name=fsq.parallel.AXIS_NAME, seed=1, **kwargs
     )
     if per_worker:
         tx = optax.chain(tx)
-    mesh = None if backend == "vmap" else fsq.parallel.make_mesh(devices)
+    mesh = None if backend == "vmap" else fsq.parallel.make_mesh(devices, model_axes=model_axes)
     dp = fsq.parallel.data_parallel(
         loss, tx, num_workers=num_workers, backend=backend, mesh=mesh, gradient_slots=slots
     )
@@ -95,18 +103,19 @@ def test_shared_rows_are_summed_and_match_each_gradient_apart(name):
 
 
 @pytest.mark.parametrize(
-    ("num_workers", "backend", "devices", "slots"),
+    ("num_workers", "backend", "devices", "slots", "model_axes"),
     [
-        (16, "shard_map", 8, None),
-        (32, "shard_map", 4, None),
-        (8, "vmap", 1, 2),
-        (16, "pmap", 8, None),
+        (16, "shard_map", 8, None, None),
+        (32, "shard_map", 4, None, None),
+        (8, "vmap", 1, 2, None),
+        (16, "pmap", 8, None, None),
+        (8, "shard_map", 8, None, {"fsdp": 4}),  # 2 groups of 4 shards, 4 workers each
     ],
 )
-def test_every_layout_sums_the_same(num_workers, backend, devices, slots):
+def test_every_layout_sums_the_same(num_workers, backend, devices, slots, model_axes):
     kwargs = {"delay": 2, **OFF}
     summed, losses, counts = train(
-        kwargs, num_workers, backend=backend, devices=devices, slots=slots
+        kwargs, num_workers, backend=backend, devices=devices, slots=slots, model_axes=model_axes
     )
     apart, want_losses, want_counts = train(kwargs, num_workers, per_worker=True)
     assert summed.opt_state.sums_workers()
