@@ -152,7 +152,7 @@ def starting_workers(opt_state: Any, ids: jax.Array) -> jax.Array | None:
 
 def sums_workers(opt_state: Any) -> bool:
     """Whether the transform whose state is ``opt_state`` may be given the sum of a
-    device's workers' gradients in place of each one (``update(..., summed=True)``): its
+    device's workers' gradients in place of each one (``update(..., summed=mask)``): its
     state says so with a ``sums_workers() -> bool`` method
     (:meth:`fsq.FlyingSquirrelState.sums_workers`), whatever its type. Only the state of
     the whole transform is asked: a transform around it may need each gradient."""

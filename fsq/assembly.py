@@ -102,10 +102,11 @@ class FlyingSquirrelState(NamedTuple):
 
     def sums_workers(self) -> bool:
         """Whether ``update`` may be given the sum of a device's workers' gradients in
-        place of each one (``summed=True``): every message of a device's workers at a
-        step goes to the same ring row with the same weight, so that the row receives
-        the same sum either way (to float32 rounding). A training step then computes one
-        gradient of the workers' summed losses (:func:`fsq.parallel.workers_step`)."""
+        place of each one (``summed=``: which workers' gradients it holds): every
+        message of a device's workers at a step goes to the same ring row with the same
+        weight, so that the row receives the same sum either way (to float32 rounding).
+        A training step then computes one gradient of the workers' summed losses
+        (:func:`fsq.parallel.workers_step`)."""
         return self.rows.shared
 
 

@@ -77,7 +77,7 @@ def save(directory: PathLike, step: int, state: Any, *, max_to_keep: int = 3) ->
         manager.wait_until_finished()
     digests = _digests(stored)
     if jax.process_index() == 0 and digests:
-        path = os.path.join(os.path.abspath(directory), str(step), CHECKSUMS)
+        path = _checksums(directory, step)
         with open(path + ".tmp", "w") as f:
             json.dump(digests, f)
         os.replace(path + ".tmp", path)  # whole or not at all
@@ -103,6 +103,11 @@ def _without_empty(tree: Any) -> Any:
     return jax.tree.map(lambda x: None if np.size(x) == 0 else x, tree)
 
 
+def _checksums(directory: PathLike, step: int) -> str:
+    """The file of checkpoint ``step``'s checksums, beside orbax's in its directory."""
+    return os.path.join(os.path.abspath(directory), str(step), CHECKSUMS)
+
+
 def _digests(tree: Any) -> dict[str, str]:
     """``{dotted path: CRC-32 of its bytes}`` of the arrays of ``tree`` that this process
     holds whole (all of them in a one-process job)."""
@@ -117,7 +122,7 @@ def _digests(tree: Any) -> dict[str, str]:
 
 def _check_digests(directory: PathLike, step: int, restored: Any, where: str) -> None:
     """Raises a ``ValueError`` where ``restored`` differs from the checksums saved with it."""
-    path = os.path.join(os.path.abspath(directory), str(step), CHECKSUMS)
+    path = _checksums(directory, step)
     if not os.path.exists(path):
         return  # saved without checksums (or by another tool): nothing to compare
     with open(path) as f:

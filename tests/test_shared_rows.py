@@ -17,24 +17,11 @@ import pytest
 
 import fsq
 from fsq import delays
+from tests.test_parallel import init_params
+from tests.test_parallel import mlp_loss as loss
 
 STEPS = 5
 OFF = {"staleness": None, "compensation": None}
-
-
-def loss(params, shard):
-    x, y = shard
-    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
-    return jnp.mean((hidden @ params["w2"] - y) ** 2)
-
-
-def init_params():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {
-        "w1": jax.random.normal(k1, (3, 8)) * 0.5,
-        "b1": jnp.zeros(8),
-        "w2": jax.random.normal(k2, (8,)) * 0.5,
-    }
 
 
 def data(num_workers, poisoned=None):

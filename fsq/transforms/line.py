@@ -60,7 +60,14 @@ from jax import lax
 from fsq import _axes, _random, delays
 from fsq._sharding import constrain
 from fsq.transforms import pairs, ring, wire
-from fsq.transforms.message import Arrival, Context, DeliverTransformation, Message, Totals
+from fsq.transforms.message import (
+    Arrival,
+    Context,
+    DeliverTransformation,
+    Message,
+    Totals,
+    totals_of,
+)
 
 EXCHANGES = ("dense", "sparse", "ordered")
 HOLDS = ("auto", "rows", "pairs")
@@ -179,7 +186,7 @@ class DelayLine:
         ``summed``: the message's channels are the sum over the device's workers that send
         one, whose messages have the same delay and weight (the dense exchange, the mean):
         the sum is written once, and counted for every worker; ``alike``: every message
-        travels the same delay (the dense exchange adds a device's messages up first)."""
+        travels the same delay (they are added into their one ring row one by one)."""
         dtype = self.sums_dtype(in_flight)
         if isinstance(in_flight, pairs.Pairs):
             slots = _axes.stack(worker, axes.local) % in_flight.due_at.shape[1]
@@ -251,40 +258,37 @@ def _summed(message: Message, axes: _axes.WorkerAxes, dtype) -> wire.Row:
     of the first one sent), counted in the totals for each worker."""
     sender = jnp.argmax(_axes.stack(message.sent, axes.local))
     alike = {f: _axes.stack(getattr(message, f), axes.local)[sender] for f in ("weight", "status")}
-    counts = jnp.sum(_axes.stack(wire.parts(message, dtype).totals, axes.local), 0)
+    counts = jnp.sum(_axes.stack(jnp.stack(totals_of(message, dtype)), axes.local), 0)
     row = wire.parts(message._replace(**alike), dtype)._replace(totals=counts)
     return jax.tree.map(lambda x: x[None], row)
 
 
 def _exchange_dense(message, in_flight, step, axes, dtype, apart, summed=False, alike=False):
-    # Messages that all travel the same delay are added up first and written as one (the
-    # sum the step formed, when summed).
-    one = summed or (alike and not apart and not in_flight.filled.shape[0])
-    num_local = 1 if one else _axes.local_count(axes.local)
+    num_local = 1 if summed else _axes.local_count(axes.local)
     spanned = _spanned(axes)
 
     def gathered():
         """The device's workers' messages, leaves ``[num_local, *shape]`` (free under vmap:
-        every worker of the device gets the whole batch), or their sum (``[1, *shape]``)."""
+        every worker of the device gets the whole batch); summed, the one sum."""
         if summed:
             row = _summed(message, axes, dtype)
         else:
             row = jax.tree.map(lambda p: _axes.stack(p, axes.local), wire.parts(message, dtype))
-        if one and not summed:
-            # A product with ones sums the workers in one pass; XLA's reduction over the
-            # leading axis was 50x slower on CPU.
-            ones = jnp.ones(_axes.local_count(axes.local), dtype)
-            row = jax.tree.map(lambda p: jnp.tensordot(ones, p, axes=1)[None], row)
         return row._replace(channels=tuple(constrain(c, leading=1) for c in row.channels))
 
     if in_flight.filled.shape[0]:
-        delays = _axes.stack(message.delay, axes.local)[:num_local]  # alike when one
+        delays = _axes.stack(message.delay, axes.local)[:num_local]  # alike when summed
         write = ring.add_messages(gathered(), delays, step, apart, alike)
         due, in_flight = ring.advance(in_flight, step, write)
     elif num_local == 1 and not spanned:  # no delays: the message just sent, as it is
         due = ring.Due(lambda: jax.tree.map(lambda x: x[None], gathered()), jnp.int32(0))
-    else:  # no delays: what the device's workers send is due now (each apart, or the sum)
+    elif apart or summed:  # no delays: each worker's message (or the sum) is due now
         due = ring.as_due(gathered())
+    else:  # no delays: the sum of the device's messages is due now, leaf by leaf
+        # A product with ones sums the workers in one pass; XLA's reduction over the
+        # leading axis was 50x slower on CPU.
+        ones = jnp.ones(num_local, dtype)
+        due = ring.as_due(jax.tree.map(lambda p: jnp.tensordot(ones, p, axes=1)[None], gathered()))
     return _over_devices(due, axes, dtype, apart), in_flight
 
 

@@ -33,8 +33,8 @@ How the messages of a device's :math:`L` workers are written:
 - :math:`L \le R`, or every message with the same delay (``alike``) and :math:`L \le 32`:
   each leaf of each worker's message is added into its place in the row where it is
   computed; the message is never built (with the same delay, the product below would
-  build the device's :math:`L` messages and then rewrite every row, 2.4x slower for
-  delay compensation's three channels);
+  build the device's :math:`L` messages and then rewrite every row for one that
+  changes);
 - :math:`L > R` otherwise: as a segment sum, :math:`\text{slots} \leftarrow [\text{kept}]\,
   \text{slots} + A M` with :math:`A_{r i} = [\text{row}_i = r]`: one matrix product and
   one pass over the ring per leaf, whose cost and compile time do not grow with :math:`L`
